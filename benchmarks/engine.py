@@ -1,0 +1,207 @@
+"""Concurrent conversations through the shared engine: capacity (unpaced) and latency (paced).
+
+    .venv/bin/python benchmarks/engine.py                        # tiny model, CPU, N = 1 4 16 64
+    .venv/bin/python benchmarks/engine.py --dims real --device cuda --streams 1 4 16 64
+
+* Capacity, unpaced: every conversation has all its text at once and no real-time lead cap;
+  aggregate frames/s over the wall time of the whole batch of turns (each capped at
+  `--frames` frames). Also the single-stream time per frame.
+* Latency, paced: text deltas arrive at 30 tokens/s per conversation (starts staggered over
+  `--stagger` s), with the engine's real-time lead cap on. Time to first audio is measured from
+  the push of the 12th text token (or end of text) to the first chunk; an underrun is a chunk
+  that arrives after a listener who started playing at the first chunk ran dry.
+
+Warm-up turns are excluded. Prints a table and one JSON line. `--dims real` builds the published
+model and codec dimensions with random weights in memory (no download; the tiny tokenizer and
+text vocabulary stand in for Qwen's, which changes only the size of one embedding table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core import Engine, EngineConfig, SamplingParams  # noqa: E402
+from core.engine.metrics import percentile  # noqa: E402
+
+TOKENS_PER_S = 30.0
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the sun sets behind the hills, and "
+    "everyone in the small village gathers to watch the evening sky turn orange and purple. "
+    "Later that night the stars come out one by one over the quiet fields."
+)
+
+
+def build_engine(args: argparse.Namespace, tmp: Path, n: int, *, paced: bool) -> Engine:
+    config = EngineConfig(
+        max_streams=n, max_conversations=n, max_batch=max(n, 1), lead_s=1.5 if paced else None,
+        max_frames_per_turn=args.frames, kv_block_size=64,
+        kv_num_blocks=n * (-(-(600 + args.frames) // 64)) + 8,
+    )
+    model_dir, codec_dir = args.tiny_dirs
+    if args.dims == "tiny":
+        return Engine.from_pretrained(model_dir, codec_dir, device=args.device, config=config)
+    return Engine(args.real_model, args.real_codec, args.tokenizer, config=config)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+async def capacity(engine: Engine, n: int, frames: int, device: str) -> dict:
+    """All text at once, no lead cap: aggregate frames per second."""
+
+    async def one(i: int) -> int:
+        conv = engine.conversation(sampling=SamplingParams(seed=i))
+        count = 0
+        async with conv.speak() as stream:
+            stream.push_text(TEXT)
+            stream.end_text()
+            async for chunk in stream:
+                count += round(chunk.duration_s / 0.08)
+        conv.close()
+        return count
+
+    await asyncio.gather(*(one(1000 + i) for i in range(min(n, 4))))  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(n)))
+    _sync(device)
+    wall = time.perf_counter() - t0
+    total = sum(counts)
+    return {"frames": total, "wall_s": wall, "fps": total / wall,
+            "frames_per_stream": total / n, "frames_cap": frames}
+
+
+async def latency(engine: Engine, n: int, stagger_s: float) -> dict:
+    """Paced text at 30 tokens/s, lead cap on: first-audio latency and underruns."""
+    tok = engine.tokenizer
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    deltas = [tok.decode(ids[:k + 1])[len(tok.decode(ids[:k])):] for k in range(len(ids))]
+
+    async def one(i: int, start_delay: float) -> tuple[float, int]:
+        await asyncio.sleep(start_delay)
+        conv = engine.conversation(sampling=SamplingParams(seed=i))
+        stream = conv.speak()
+        lead_at: float | None = None
+        first_at: float | None = None
+        playback_end = None
+        underruns = 0
+
+        async def feed() -> None:
+            nonlocal lead_at
+            t0 = time.perf_counter()
+            for k, delta in enumerate(deltas):
+                await asyncio.sleep(max(0.0, t0 + k / TOKENS_PER_S - time.perf_counter()))
+                stream.push_text(delta)
+                if k == 11:
+                    lead_at = time.perf_counter()
+            stream.end_text()
+            lead_at = lead_at or time.perf_counter()
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            async for chunk in stream:
+                now = time.perf_counter()
+                if first_at is None:
+                    first_at = now
+                elif now > playback_end:
+                    underruns += 1
+                start = now if playback_end is None or now > playback_end else playback_end
+                playback_end = start + chunk.duration_s
+        finally:
+            await feeder
+            conv.close()
+        assert lead_at is not None and first_at is not None
+        return first_at - lead_at, underruns
+
+    await asyncio.gather(*(one(2000 + i, 0.0) for i in range(min(n, 2))))  # warm-up
+    step = stagger_s / max(n - 1, 1)
+    results = await asyncio.gather(*(one(i, i * step) for i in range(n)))
+    ttfa = [r[0] for r in results]
+    return {"ttfa_p50_ms": 1000 * percentile(ttfa, 50), "ttfa_p95_ms": 1000 * percentile(ttfa, 95),
+            "underruns": sum(r[1] for r in results),
+            "streams_with_underruns": sum(1 for r in results if r[1])}
+
+
+def _prepare_real(args: argparse.Namespace) -> None:
+    """Published dimensions, random weights, tiny vocabulary (see module docstring)."""
+    import model_step
+    from codec import random_codec, real_config
+
+    from core.model import ModelConfig
+    from core.text import load_tokenizer
+
+    cfg = model_step.config_for("real")
+    raw = cfg.to_dict()
+    raw["language_config"]["vocab_size"] = 448
+    raw["text_pad"], raw["reference_audio_pad"] = 426, 425
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    args.real_model = model_step.random_model(ModelConfig.from_dict(raw), torch.device(args.device),
+                                              dtype)
+    args.real_codec = random_codec(real_config(), args.device, torch.float32, ("decoder",))
+    args.tokenizer = load_tokenizer(args.tiny_dirs[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--dims", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--frames", type=int, default=60, help="frame cap per turn (capacity)")
+    parser.add_argument("--stagger", type=float, default=1.0, help="paced: start spread (s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from core.tiny import write_tiny
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moss-bench-") as tmp:
+        args.tiny_dirs = write_tiny(tmp)
+        if args.dims == "real":
+            _prepare_real(args)
+        for n in args.streams:
+            engine = build_engine(args, Path(tmp), n, paced=False)
+            try:
+                cap = asyncio.run(capacity(engine, n, args.frames, args.device))
+            finally:
+                engine.close()
+            engine = build_engine(args, Path(tmp), n, paced=True)
+            try:
+                lat = asyncio.run(latency(engine, n, args.stagger))
+                lat["engine_underruns"] = engine.stats().underruns
+            finally:
+                engine.close()
+            rows.append({"streams": n, **cap, **lat})
+            print(f"N={n:3d}  capacity {cap['fps']:8.1f} frames/s ({cap['fps'] / 12.5:6.1f} x real "
+                  f"time)  paced first audio p50 {lat['ttfa_p50_ms']:7.1f} ms  p95 "
+                  f"{lat['ttfa_p95_ms']:7.1f} ms  underruns {lat['underruns']} "
+                  f"({lat['streams_with_underruns']} streams)", flush=True)
+    base = rows[0]
+    print()
+    print(f"{'N':>4} {'frames/s':>10} {'x single':>9} {'x realtime':>10} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'p95 x single':>12} {'underruns':>9}")
+    for r in rows:
+        print(f"{r['streams']:>4} {r['fps']:>10.1f} {r['fps'] / base['fps']:>9.2f} "
+              f"{r['fps'] / 12.5:>10.1f} {r['ttfa_p50_ms']:>8.1f} {r['ttfa_p95_ms']:>8.1f} "
+              f"{r['ttfa_p95_ms'] / base['ttfa_p95_ms']:>12.2f} {r['underruns']:>9}")
+    print(f"single-stream time per frame: {1000 / base['fps']:.2f} ms "
+          f"({args.dims} model, {args.device})")
+    print(json.dumps({"bench": "engine", "dims": args.dims, "device": args.device,
+                      "frames_cap": args.frames, "tokens_per_s": TOKENS_PER_S,
+                      "single_ms_per_frame": 1000 / base["fps"], "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

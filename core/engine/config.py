@@ -1,0 +1,95 @@
+"""EngineConfig: every limit and budget of the shared engine in one frozen place.
+
+Each limit exists so that a misbehaving caller gets a clear error instead of an unbounded queue,
+an unbounded turn or an out-of-memory crash (ARCHITECTURE.md, decision 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FRAME_RATE = 12.5  # codec frames per second (80 ms per frame)
+FRAME_S = 1.0 / FRAME_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Limits, budgets and pacing of one `Engine`.
+
+    Attributes:
+        max_streams: turns generating at once; `speak()` beyond raises `AdmissionError`.
+        max_conversations: open conversations; `conversation()` beyond raises `AdmissionError`.
+        max_context_rows: context budget per conversation; older turns are trimmed beyond it.
+        context_trim_target: after a trim the history fits in this fraction of the budget, so a
+            long dialogue rebuilds its cache rarely instead of at every turn.
+        max_frames_per_turn: hard cap on frames (80 ms each) of one assistant turn.
+        max_text_chars: characters one turn accepts; `push_text` beyond raises `TextTooLongError`.
+        max_batch: frames generated per tick (decode rows plus first frames of new turns).
+        prefill_chunk: prompt rows prefilled per tick over all new turns, so a long prompt never
+            stalls streams that are already speaking.
+        lead_s: a stream never gets more than this many seconds of audio ahead of real-time
+            playback (None: no cap, for capacity measurements and offline rendering).
+        first_chunk_frames: frames in the first chunk of a turn (time to first audio).
+        chunk_frames: frames in later chunks. Chunks ramp up to it (never more frames than
+            already delivered: 1, 1, 2, 4, ...) so a listener who starts playing at the first
+            chunk does not run dry while a bigger chunk fills.
+        kv_block_size: rows per KV block.
+        kv_num_blocks: KV blocks in the shared pool (None: enough for `max_conversations`
+            conversations of `kv_rows_per_conversation` rows each, and on CUDA at most
+            `kv_memory_fraction` of the memory free after loading). Idle conversations' caches
+            are evicted (and later rebuilt from their rows) when the pool runs low.
+        kv_rows_per_conversation: typical context used to size the pool when `kv_num_blocks`
+            is None; conversations may grow beyond it while others are shorter.
+        kv_memory_fraction: share of free device memory the pool may take (CUDA only).
+        idle_wait_s: longest sleep of the scheduler thread when nothing is runnable.
+    """
+
+    max_streams: int = 16
+    max_conversations: int = 64
+    max_context_rows: int = 32768
+    context_trim_target: float = 0.75
+    max_frames_per_turn: int = 1500
+    max_text_chars: int = 20_000
+    max_batch: int = 64
+    prefill_chunk: int = 512
+    lead_s: float | None = 1.5
+    first_chunk_frames: int = 1
+    chunk_frames: int = 3
+    kv_block_size: int = 64
+    kv_num_blocks: int | None = None
+    kv_rows_per_conversation: int = 2048
+    kv_memory_fraction: float = 0.5
+    idle_wait_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_streams", "max_conversations", "max_context_rows", "max_frames_per_turn",
+            "max_text_chars", "max_batch", "prefill_chunk", "first_chunk_frames",
+            "chunk_frames", "kv_block_size", "kv_rows_per_conversation",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
+        if self.kv_num_blocks is not None and self.kv_num_blocks <= 0:
+            raise ValueError(f"EngineConfig.kv_num_blocks must be positive, got {self.kv_num_blocks}")
+        if self.lead_s is not None and not self.lead_s > 0:
+            raise ValueError(f"EngineConfig.lead_s must be > 0 or None, got {self.lead_s!r}")
+        if not 0.0 < self.context_trim_target <= 1.0:
+            raise ValueError(
+                f"EngineConfig.context_trim_target must be in (0, 1], got {self.context_trim_target}"
+            )
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(
+                f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}"
+            )
+        if not self.idle_wait_s > 0:
+            raise ValueError(f"EngineConfig.idle_wait_s must be > 0, got {self.idle_wait_s}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks of the shared KV pool (explicit, or sized from the conversation limit)."""
+        if self.kv_num_blocks is not None:
+            return self.kv_num_blocks
+        per_conv = -(-self.kv_rows_per_conversation // self.kv_block_size)
+        return per_conv * self.max_conversations

@@ -1,0 +1,100 @@
+"""Engine counters and recent-window histograms, read through `engine.stats()`.
+
+The engine thread records; any thread reads a consistent snapshot (`EngineStats`), so plugins and
+benchmarks get time to first audio, throughput and underruns without touching engine internals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's state and recent performance (times in seconds)."""
+
+    active_streams: int  # turns generating now
+    queued_turns: int  # turns waiting: behind their conversation's turn, or for a free slot
+    conversations: int  # open conversations
+    turns_started: int
+    turns_finished: int
+    turns_cancelled: int
+    turns_failed: int
+    frames_total: int
+    frames_per_s: float  # over the last `window_s` seconds
+    ticks_total: int
+    step_ms_p50: float | None
+    step_ms_p95: float | None
+    ttfa_p50_s: float | None  # lead ready (12th token or end of text) -> first chunk
+    ttfa_p95_s: float | None
+    underruns: int  # chunks that arrived after a real-time listener ran dry (not starvation)
+    kv_rows_free: int | None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1)))))
+    return ordered[rank]
+
+
+class Metrics:
+    """Thread-safe counters; the engine thread writes, `snapshot` may be called from anywhere."""
+
+    def __init__(self, window_s: float = 5.0, keep: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self.window_s = window_s
+        self._frame_times: deque[tuple[float, int]] = deque()
+        self._step_ms: deque[float] = deque(maxlen=keep)
+        self._ttfa: deque[float] = deque(maxlen=keep)
+        self.counts = dict.fromkeys(
+            ("turns_started", "turns_finished", "turns_cancelled", "turns_failed",
+             "frames_total", "ticks_total", "underruns"), 0
+        )
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def record_step(self, seconds: float, frames: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.counts["ticks_total"] += 1
+            self.counts["frames_total"] += frames
+            self._step_ms.append(seconds * 1000.0)
+            self._frame_times.append((now, frames))
+            self._trim(now)
+
+    def record_ttfa(self, seconds: float) -> None:
+        with self._lock:
+            self._ttfa.append(seconds)
+
+    def _trim(self, now: float) -> None:
+        while self._frame_times and now - self._frame_times[0][0] > self.window_s:
+            self._frame_times.popleft()
+
+    def snapshot(
+        self, *, active: int, queued: int, conversations: int, kv_rows_free: int | None,
+        now: float | None = None,
+    ) -> EngineStats:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            frames = sum(n for _, n in self._frame_times)
+            span = (now - self._frame_times[0][0]) if self._frame_times else 0.0
+            fps = frames / max(span, 1e-3) if frames else 0.0
+            steps, ttfa, c = list(self._step_ms), list(self._ttfa), dict(self.counts)
+        return EngineStats(
+            active_streams=active, queued_turns=queued, conversations=conversations,
+            turns_started=c["turns_started"], turns_finished=c["turns_finished"],
+            turns_cancelled=c["turns_cancelled"], turns_failed=c["turns_failed"],
+            frames_total=c["frames_total"], frames_per_s=fps, ticks_total=c["ticks_total"],
+            step_ms_p50=percentile(steps, 50), step_ms_p95=percentile(steps, 95),
+            ttfa_p50_s=percentile(ttfa, 50), ttfa_p95_s=percentile(ttfa, 95),
+            underruns=c["underruns"], kv_rows_free=kv_rows_free,
+        )

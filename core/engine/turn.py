@@ -1,0 +1,216 @@
+"""ActiveTurn: the engine-thread state of one assistant turn between admission and its end.
+
+It turns the caller's text deltas into stable token ids, queues prompt rows for chunked
+prefill, builds one step row per frame (a text token, or `<|text_pad|>` only after end_text: a
+stream whose text runs dry waits instead of padding), and cuts generated PCM into chunks with
+the words estimated to have been spoken in them.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.engine.config import FRAME_S, EngineConfig
+from core.engine.scheduler import PlaybackClock, StreamDemand
+from core.engine.slots import SlotLease
+from core.engine.stream import AudioChunk, TurnStream
+from core.engine.words import TurnWords
+from core.prompt import PromptBuilder
+from core.text import IncrementalTokenizer, encode_text
+
+if TYPE_CHECKING:
+    from core.timings import WordTiming
+
+TEXT_LEAD = 12  # text tokens prefilled before the first frame (BOS on the last of them)
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"  # prompt rows and/or the text lead still to prefill
+    DECODE = "decode"  # one frame per step
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class HeardTurn:
+    """What the context keeps of an assistant turn: its text, ids and frames as heard."""
+
+    text: str
+    text_ids: list[int]
+    frames: Tensor  # Long[F, 16]
+
+
+class ActiveTurn:
+    """One admitted turn: text in, rows to feed, frames and chunks out (engine thread only)."""
+
+    def __init__(
+        self,
+        stream: TurnStream,
+        conv_id: int,
+        lease: SlotLease,
+        *,
+        builder: PromptBuilder,
+        tokenizer: object,
+        config: EngineConfig,
+        sample_rate: int,
+        now: float,
+    ) -> None:
+        self.stream, self.conv_id, self.lease = stream, conv_id, lease
+        self.builder, self.tokenizer, self.config = builder, tokenizer, config
+        self.sample_rate = sample_rate
+        self.phase = Phase.PREFILL
+        self.rows_pending: Tensor | None = None
+        self.lead_queued = False
+        self.incremental = IncrementalTokenizer(tokenizer)
+        self.ids: deque[int] = deque()
+        self.fed_ids: list[int] = []
+        self.text_flushed = False
+        self.has_speech = False  # a non-whitespace character arrived: the lead may start
+        self.frames: list[Tensor] = []
+        self._pcm: list[np.ndarray] = []
+        self.emitted_frames = 0
+        self.words = TurnWords(FRAME_S)
+        self.clock = PlaybackClock()
+        self.starved = False
+        self.admitted_at = now
+        self.lead_ready_at: float | None = None
+        self.first_chunk_at: float | None = None
+        self.underruns = 0  # not yet reported to the metrics
+        self.sampler_started = False
+
+    # -- text ---------------------------------------------------------------------------------
+    def ingest_text(self, now: float) -> None:
+        """Pull new deltas from the stream; queue the lead rows once 12 ids (or all) are known."""
+        delta, ended = self.stream.take_text()
+        if delta:
+            self.ids.extend(self.incremental.push(delta))
+            self.words.push_text(delta)
+            self.has_speech = self.has_speech or not delta.isspace()
+        if ended and not self.text_flushed:
+            self.ids.extend(self.incremental.flush())
+            self.words.end_text()
+            self.text_flushed = True
+        if self.phase is Phase.PREFILL and not self.lead_queued and self.has_speech:
+            if len(self.ids) >= TEXT_LEAD or (self.text_flushed and self.ids):
+                lead = [self.ids.popleft() for _ in range(min(TEXT_LEAD, len(self.ids)))]
+                self.fed_ids.extend(lead)
+                self.queue_rows(self.builder.prefill_rows(lead))
+                self.lead_queued = True
+                self.lead_ready_at = now
+
+    @property
+    def empty_text(self) -> bool:
+        """The text ended with nothing to say (empty, or whitespace only): the turn ends at once
+        without audio and adds nothing to the context."""
+        return self.text_flushed and not self.lead_queued
+
+    def queue_rows(self, rows: Tensor) -> None:
+        if rows.shape[0]:
+            pending = self.rows_pending
+            self.rows_pending = rows if pending is None else torch.cat([pending, rows])
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def demand(self, sid: int, now: float) -> StreamDemand:
+        if self.phase is Phase.PREFILL:
+            rows = 0 if self.rows_pending is None else int(self.rows_pending.shape[0])
+            return StreamDemand(sid, prefill_rows=rows, prefill_samples=self.lead_queued and rows > 0,
+                                arrival=self.admitted_at)
+        ready = bool(self.ids) or self.text_flushed
+        self.starved = self.starved or not ready
+        buffered = self.clock.buffered_s(now, self.pending_frames * FRAME_S)
+        return StreamDemand(sid, decode=ready, buffered_s=buffered, arrival=self.admitted_at)
+
+    def take_prefill(self, n: int) -> Tensor:
+        assert self.rows_pending is not None and 0 < n <= self.rows_pending.shape[0]
+        rows, rest = self.rows_pending[:n], self.rows_pending[n:]
+        self.stream.prefilled_rows += n
+        self.rows_pending = rest if rest.shape[0] else None
+        return rows
+
+    def step_row(self) -> Tensor:
+        """The next decode row: [next text id, or text pad after end_text; previous frame]."""
+        assert self.frames, "a decode step needs the previous frame"
+        text_id = self.ids.popleft() if self.ids else None
+        assert text_id is not None or self.text_flushed, "padding before end_text"
+        if text_id is not None:
+            self.fed_ids.append(text_id)
+        return self.builder.step_row(text_id, self.frames[-1])
+
+    # -- audio --------------------------------------------------------------------------------
+    @property
+    def pending_frames(self) -> int:
+        return len(self.frames) - self.emitted_frames
+
+    def accept_frame(self, codes: Tensor, pcm: Tensor | None) -> bool:
+        """Record a sampled frame; False when it ends the turn (EOS or a special code)."""
+        self.phase = Phase.DECODE
+        if pcm is None:
+            return False
+        self.frames.append(codes)
+        self._pcm.append(pcm.numpy())
+        return len(self.frames) < self.config.max_frames_per_turn
+
+    @property
+    def chunk_due(self) -> int:
+        """Frames of the next chunk: `first_chunk_frames`, then never more than the audio already
+        delivered (1, 1, 2, 4 ... up to `chunk_frames`), so a listener who started playing at the
+        first chunk does not run dry while a bigger chunk fills."""
+        cfg = self.config
+        if self.emitted_frames == 0:
+            return cfg.first_chunk_frames
+        return max(1, min(cfg.chunk_frames, self.emitted_frames))
+
+    def take_chunk(self, now: float, *, final: bool) -> AudioChunk | None:
+        """A chunk when enough frames are pending (or the turn ended), else None."""
+        if not final and self.pending_frames < self.chunk_due:
+            return None
+        pcm = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
+        self._pcm.clear()
+        n = self.pending_frames
+        start_s = self.emitted_frames * FRAME_S
+        self.emitted_frames += n
+        words = self._released_words(pcm, n, final)
+        duration = len(pcm) / self.sample_rate
+        if self.clock.deliver(now, duration, starved=self.starved):
+            self.underruns += 1
+        self.starved = False
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        return AudioChunk(_to_int16(pcm), self.sample_rate, start_s, duration, words, final)
+
+    def _released_words(self, pcm: np.ndarray, frames: int, final: bool) -> list[WordTiming]:
+        energies = [float(np.sqrt(np.mean(np.square(f, dtype=np.float64))))
+                    for f in np.array_split(pcm, frames)] if frames else []
+        words = self.words.add_frames(energies) if energies else []
+        if final:
+            words += self.words.finish()
+        return words
+
+    # -- what the context keeps ---------------------------------------------------------------
+    def heard(self, played_s: float | None) -> HeardTurn | None:
+        """The turn as the listener heard it (None: nothing was heard)."""
+        n = self.emitted_frames
+        if played_s is not None:
+            n = min(n, int(math.floor(played_s / FRAME_S + 1e-6)))
+        if n == 0:
+            return None
+        frames = torch.stack(self.frames[:n])
+        if n == len(self.frames) and played_s is None:
+            text_ids = list(self.fed_ids)
+            text = self.stream.text if not self.ids and self.text_flushed else (
+                self.tokenizer.decode(text_ids))  # type: ignore[attr-defined]
+            return HeardTurn(text, text_ids, frames)
+        text = self.words.heard_text(n * FRAME_S)
+        text_ids = encode_text(self.tokenizer, text.rstrip()) if text.strip() else []
+        return HeardTurn(text.rstrip(), text_ids, frames)
+
+
+def _to_int16(pcm: np.ndarray) -> bytes:
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

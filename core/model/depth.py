@@ -1,0 +1,102 @@
+"""Depth ("local") transformer: turns one backbone hidden state into the 16 codes of a frame.
+
+Step 0 reads the backbone hidden itself at position 0; step i reads the embedding of code i-1
+(table i-1 of 15) at position i; head i gives codebook i's logits. Every frame starts from a
+fresh 16-position cache (upstream does the same: nothing carries over between frames). All rows
+of a batch advance together, so one call per codebook step serves every active stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.model.config import ModelConfig
+from core.model.layers import Block, RMSNorm, attention, rope_cos_sin
+
+
+class FrameCache:
+    """Frame-local KV cache [layers, B, KV, 16, hd]; position i is written at step i."""
+
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        n_kv: int,
+        steps: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.k = torch.empty(layers, batch, n_kv, steps, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.step = 0
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        i = self.step
+        self.k[layer, :, :, i] = k
+        self.v[layer, :, :, i] = v
+        keys, values = self.k[layer, :, :, : i + 1], self.v[layer, :, :, : i + 1]
+        # one query that may see every earlier position: no mask needed
+        out = attention(q[:, :, None], keys, values)
+        return out[:, :, 0]
+
+
+# sample(logits [B, V] fp32, codebook) -> codes [B]
+CodeSampler = Callable[[Tensor, int], Tensor]
+
+
+class Depth(nn.Module):
+    """Local transformer + 15 code embeddings + 16 codebook heads (stacked tensors)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        tc = config.local
+        self.tc, self.rvq = tc, config.rvq
+        d, v = tc.hidden_size, config.audio_vocab_size
+        self.embeds = nn.Parameter(torch.empty(config.rvq - 1, v, d))  # input of step i: table i-1
+        self.layers = nn.ModuleList(Block(tc) for _ in range(tc.num_layers))
+        self.norm = RMSNorm(d, tc.rms_norm_eps)
+        self.heads = nn.Parameter(torch.empty(config.rvq, v, d))  # head i -> codebook i
+
+    def step(self, x: Tensor, cache: FrameCache, cos: Tensor, sin: Tensor) -> Tensor:
+        """One local position for every row: x [B, D] -> normed hidden [B, D]."""
+        for j, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, j)
+        cache.step += 1
+        return self.norm(x)
+
+    def forward(
+        self, hidden: Tensor, sample: CodeSampler, logits_out: Tensor | None = None
+    ) -> Tensor:
+        """hidden [B, D] -> codes [B, 16]; optional `logits_out` [B, 16, V] gets raw logits."""
+        tc, batch = self.tc, hidden.shape[0]
+        cache = FrameCache(
+            tc.num_layers,
+            batch,
+            tc.num_kv_heads,
+            self.rvq,
+            tc.head_dim,
+            hidden.device,
+            hidden.dtype,
+        )
+        positions = torch.arange(self.rvq, device=hidden.device)
+        cos_all, sin_all = rope_cos_sin(
+            positions, tc.head_dim, tc.rope_theta, tc.rope_factor, hidden.dtype
+        )
+        codes = torch.empty(batch, self.rvq, dtype=torch.long, device=hidden.device)
+        x = hidden
+        for i in range(self.rvq):
+            cos = cos_all[i : i + 1].expand(batch, -1)
+            sin = sin_all[i : i + 1].expand(batch, -1)
+            h = self.step(x, cache, cos, sin)
+            logits = F.linear(h, self.heads[i]).to(torch.promote_types(h.dtype, torch.float32))
+            if logits_out is not None:
+                logits_out[:, i] = logits
+            codes[:, i] = sample(logits, i)
+            if i + 1 < self.rvq:
+                x = F.embedding(codes[:, i], self.embeds[i])
+        return codes

@@ -1,0 +1,185 @@
+"""Backbone KV cache as a block pool: memory follows each conversation's real context.
+
+The pool holds `num_blocks` blocks of `block_size` rows for every layer. A sequence owns a block
+table (list of block ids) that grows as rows are appended and shrinks on `truncate`/`free`, so a
+short conversation never reserves the context of a long one. Attention over the pool is varlen
+batched: each sequence's blocks are gathered into a padded [B, S] view and SDPA runs with a
+causal + length mask. That is the simple, correct version (fine on CPU); a paged kernel can
+replace `PagedContext.attend` without touching anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.errors import ContextOverflowError
+from core.model.config import ModelConfig
+from core.model.layers import attention
+
+
+class KVPool:
+    """Block pool of backbone keys/values with per-sequence block tables."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        num_blocks: int,
+        block_size: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(
+                f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}"
+            )
+        tc = config.backbone
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.n_kv, self.head_dim = tc.num_kv_heads, tc.head_dim
+        shape = (tc.num_layers, num_blocks * block_size, tc.num_kv_heads, tc.head_dim)
+        # Flat row storage: row r of block b lives at b * block_size + r.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def rows_free(self) -> int:
+        """Rows that can still be appended by new blocks (partly filled blocks not counted)."""
+        return len(self._free_blocks) * self.block_size
+
+    def new_sequence(self) -> int:
+        """Register an empty sequence; blocks are taken only when rows are appended."""
+        seq_id = self._next_id
+        self._next_id += 1
+        self._tables[seq_id] = []
+        self._lengths[seq_id] = 0
+        return seq_id
+
+    def free(self, seq_id: int) -> None:
+        """Return all blocks of `seq_id` to the pool and forget it."""
+        self._check(seq_id)
+        self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
+        del self._lengths[seq_id]
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep only the first `length` rows of `seq_id` (e.g. after an interruption)."""
+        self._check(seq_id)
+        if not 0 <= length <= self._lengths[seq_id]:
+            raise ValueError(
+                f"cannot truncate sequence {seq_id} of {self._lengths[seq_id]} rows to {length}"
+            )
+        keep = -(-length // self.block_size)
+        table = self._tables[seq_id]
+        self._free_blocks.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._lengths[seq_id] = length
+
+    def length(self, seq_id: int) -> int:
+        self._check(seq_id)
+        return self._lengths[seq_id]
+
+    def sequences(self) -> list[int]:
+        return list(self._tables)
+
+    def _check(self, seq_id: int) -> None:
+        if seq_id not in self._tables:
+            raise KeyError(f"unknown KV sequence {seq_id}")
+
+    def reserve(self, seq_ids: list[int], new_rows: list[int]) -> None:
+        """Grow block tables for appending `new_rows[i]` rows to `seq_ids[i]`; all or nothing."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"a sequence appears twice in one batch: {seq_ids}")
+        needs = []
+        for seq_id, n in zip(seq_ids, new_rows, strict=True):
+            self._check(seq_id)
+            total = -(-(self._lengths[seq_id] + n) // self.block_size)
+            needs.append(total - len(self._tables[seq_id]))
+        if sum(needs) > len(self._free_blocks):
+            raise ContextOverflowError(
+                f"KV pool exhausted: need {sum(needs)} blocks of {self.block_size} rows, "
+                f"{len(self._free_blocks)} free"
+            )
+        for seq_id, need in zip(seq_ids, needs, strict=True):
+            self._tables[seq_id].extend(self._free_blocks.pop() for _ in range(need))
+
+    def plan(self, seq_ids: list[int], new_rows: list[int]) -> PagedContext:
+        """Reserve space and build the attention plan for one varlen batch.
+
+        Lengths advance here; if the forward that uses the plan fails, `truncate` back.
+        """
+        self.reserve(seq_ids, new_rows)
+        bs, dev = self.block_size, self.device
+        starts = [self._lengths[s] for s in seq_ids]
+        totals = [st + n for st, n in zip(starts, new_rows, strict=True)]
+        max_new, max_total = max(new_rows), max(totals)
+        positions = torch.cat(
+            [torch.arange(st, st + n) for st, n in zip(starts, new_rows, strict=True)]
+        )
+        batch = len(seq_ids)
+        # Physical row of every logical row of every sequence, padded with row 0.
+        max_blocks = -(-max_total // bs)
+        tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
+        for i, s in enumerate(seq_ids):
+            blocks = self._tables[s][:max_blocks]
+            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        logical = torch.arange(max_blocks * bs)
+        rows = (tables[:, logical // bs] * bs + logical % bs)[:, :max_total]  # [B, S]
+        seq_index = torch.cat([torch.full((n,), i) for i, n in enumerate(new_rows)])
+        slots = rows[seq_index, positions]  # physical row of each new token
+        # Query (i, j) is new row j of sequence i; padded queries sit at position 0 (never NaN).
+        q_pos = torch.zeros(batch, max_new, dtype=torch.int64)
+        for i, (st, n) in enumerate(zip(starts, new_rows, strict=True)):
+            q_pos[i, :n] = torch.arange(st, st + n)
+        q_index = torch.cat([torch.arange(n) + i * max_new for i, n in enumerate(new_rows)])
+        mask = torch.arange(max_total)[None, None, :] <= q_pos[:, :, None]  # causal, within length
+        for s, total in zip(seq_ids, totals, strict=True):
+            self._lengths[s] = total
+        return PagedContext(
+            pool=self,
+            positions=positions.to(dev),
+            slots=slots.to(dev),
+            rows=rows.to(dev),
+            mask=mask[:, None].to(dev),
+            q_index=q_index.to(dev),
+            max_new=max_new,
+            last_index=(torch.tensor(new_rows).cumsum(0) - 1).to(dev),
+        )
+
+
+@dataclass
+class PagedContext:
+    """One varlen batch's plan: where new k/v go, which rows each sequence attends to."""
+
+    pool: KVPool
+    positions: Tensor  # [N] absolute position of each new token
+    slots: Tensor  # [N] physical pool row each new token is written to
+    rows: Tensor  # [B, S] physical pool rows of each sequence's context (padded)
+    mask: Tensor  # [B, 1, T, S] bool: query t may read key s
+    q_index: Tensor  # [N] flat padded query slot (b * T + t) of each new token
+    max_new: int  # T: the longest new-row run in the batch
+    last_index: Tensor  # [B] packed index of each sequence's last new token
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        pool = self.pool
+        pool.k[layer].index_copy_(0, self.slots, k.to(pool.k.dtype))
+        pool.v[layer].index_copy_(0, self.slots, v.to(pool.v.dtype))
+        batch, n_heads, head_dim = self.rows.shape[0], q.shape[1], q.shape[2]
+        # index_copy / index_select rather than boolean masks: no host sync on CUDA
+        qp = q.new_zeros(batch * self.max_new, n_heads, head_dim).index_copy_(0, self.q_index, q)
+        qp = qp.view(batch, self.max_new, n_heads, head_dim)
+        keys = pool.k[layer][self.rows].to(q.dtype).transpose(1, 2)  # [B, KV, S, hd]
+        values = pool.v[layer][self.rows].to(q.dtype).transpose(1, 2)
+        out = attention(qp.transpose(1, 2), keys, values, self.mask)
+        out = out.transpose(1, 2).reshape(batch * self.max_new, n_heads, head_dim)
+        return out.index_select(0, self.q_index)

@@ -1,0 +1,529 @@
+"""The shared engine on the tiny checkpoint: streaming, batching, context, limits, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from core import (
+    AdmissionError,
+    ContextOverflowError,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    SamplingParams,
+    StreamCancelled,
+    StreamFailed,
+    TextTooLongError,
+)
+from core.codec import MossAudioCodec
+from core.engine.stream import TurnStatus
+from core.model import MossTTSRealtime
+from core.text import IncrementalTokenizer, load_tokenizer
+
+TEXT = "Hello there, this is a test. How are you today?"
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_dirs):
+    """Model, codec and tokenizer loaded once; each test builds its own Engine around them."""
+    model_dir, codec_dir = tiny_dirs
+    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32)
+    codec = MossAudioCodec.from_pretrained(codec_dir)
+    return model, codec, load_tokenizer(model_dir)
+
+
+def make_engine(parts, model=None, **overrides) -> Engine:
+    cfg = dict(max_streams=4, max_conversations=8, max_frames_per_turn=40, kv_block_size=16,
+               kv_num_blocks=512, lead_s=None)
+    cfg.update(overrides)
+    base_model, codec, tok = parts
+    return Engine(model or base_model, codec, tok, config=EngineConfig(**cfg))
+
+
+async def speak(conv, text, *, deltas=1):
+    """Push `text` in `deltas` pieces, end it, and collect every chunk."""
+    stream = conv.speak()
+    step = max(1, -(-len(text) // deltas))
+    for i in range(0, len(text), step):
+        stream.push_text(text[i : i + step])
+    stream.end_text()
+    chunks = [c async for c in stream]
+    return stream, chunks
+
+
+async def wait_until(pred, limit_s=10.0):
+    """Poll an engine-side condition (the engine thread updates it) with a hard limit."""
+    deadline = time.monotonic() + limit_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def frames_of(conv, index=-1) -> torch.Tensor:
+    """The codes the context recorded for a turn (engine internals, for exactness checks)."""
+    return conv.context.turns[index].codes
+
+
+async def test_one_turn_streams_chunks_with_words(parts):
+    """The basic promise: text in, 24 kHz int16 chunks out, first chunk after one frame, words
+    that add up to the text and never run ahead of the audio."""
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=3))
+        stream, chunks = await speak(conv, TEXT, deltas=7)
+        assert stream.status is TurnStatus.FINISHED and stream.error is None and stream.done
+        assert chunks[0].duration_s == pytest.approx(0.08) and chunks[0].start_s == 0
+        assert chunks[-1].final and not any(c.final for c in chunks[:-1])
+        t = 0.0
+        for c in chunks:
+            assert c.sample_rate == 24000 and c.start_s == pytest.approx(t)
+            assert c.num_samples == round(c.duration_s * 24000) and c.num_samples % 1920 == 0
+            t += c.duration_s
+            for w in c.words:
+                assert w.end_s <= c.start_s + c.duration_s + 1e-6
+        words = [w for c in chunks for w in c.words]
+        assert "".join(w.word for w in words) == TEXT
+        assert all(a.end_s <= b.start_s + 1e-9 for a, b in zip(words, words[1:], strict=False))
+        assert conv.turns[-1].role == "assistant" and conv.turns[-1].text == TEXT
+        assert conv.turns[-1].frames == round(t / 0.08) == stream.frames
+        pcm = np.frombuffer(b"".join(c.pcm for c in chunks), dtype="<i2")
+        assert pcm.size and np.abs(pcm).max() > 0
+        stats = engine.stats()
+        assert stats.turns_finished == 1 and stats.frames_total >= stream.frames
+        assert stats.ttfa_p50_s is not None and stream.ttfa_s is not None
+    finally:
+        engine.close()
+
+
+async def test_batched_equals_single_stream_in_float64(parts):
+    """Batching must not change what a conversation says: same codes alone or among 15 others
+    with different prompts and lengths (float64, so no tie can flip)."""
+    model, codec, tok = parts
+    model64 = copy.deepcopy(model).to(torch.float64)
+    seeds_texts = [(100 + i, f"Stream {i} says: " + "word " * (i % 5) + "done.") for i in range(16)]
+
+    async def run(indices):
+        engine = make_engine(parts, model=model64, max_streams=16, max_conversations=16,
+                             kv_num_blocks=2048)
+        logits: dict[int, list[torch.Tensor]] = {}
+        engine.trace_logits = lambda turn_id, lg: logits.setdefault(turn_id, []).append(lg)
+        try:
+            convs = []
+            for i in indices:
+                conv = engine.conversation(sampling=SamplingParams(seed=seeds_texts[i][0]))
+                if i % 3:
+                    await conv.add_user_turn(text="A question " + "x " * i)
+                convs.append(conv)
+            done = await asyncio.gather(*(speak(c, seeds_texts[i][1], deltas=1 + i % 4)
+                                          for c, i in zip(convs, indices, strict=True)))
+            return {i: (frames_of(c), torch.stack(logits[s.turn_id]))
+                    for c, i, (s, _) in zip(convs, indices, done, strict=True)}
+        finally:
+            engine.close()
+
+    together = await run(list(range(16)))
+    for i in (5, 9):
+        codes, logits = (await run([i]))[i]
+        assert codes.shape[0] > 1
+        assert torch.equal(together[i][0], codes)
+        assert logits.dtype == torch.float64 and logits.shape == together[i][1].shape
+        torch.testing.assert_close(together[i][1], logits, rtol=0, atol=1e-9)
+
+
+async def test_engine_matches_the_reference_turn_loop(parts):
+    """The batched engine must generate exactly what the single-conversation reference does."""
+    from core.model import KVPool, generate_turn
+    from core.text import encode_text
+
+    model, codec, tok = parts
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=11))
+        await speak(conv, TEXT, deltas=3)
+        got = frames_of(conv)
+        builder = engine.builder
+        kv = KVPool(model.config, num_blocks=64, block_size=16, dtype=model.dtype)
+        seq = kv.new_sequence()
+        prompt = torch.cat([builder.system_rows(), builder.assistant_prefix_rows(first=True)])
+        ref = generate_turn(model, kv, seq, prompt, encode_text(tok, TEXT), SamplingParams(seed=11),
+                            max_frames=40, builder=builder)
+        assert torch.equal(got, ref.frames)
+    finally:
+        engine.close()
+
+
+async def test_second_turn_prefills_only_new_rows_and_equals_from_scratch(parts):
+    """Turn 2 must reuse the cache (latency) and still say exactly what a fresh prefill of the
+    whole history would (correctness of the reuse)."""
+    greedy = SamplingParams(temperature=0.0)
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=greedy)
+        await conv.add_user_turn(text="Hi, who are you?")
+        s1, _ = await speak(conv, "I am a small test voice.")
+        await conv.add_user_turn(text="Nice to meet you.")
+        s2, _ = await speak(conv, "Nice to meet you too.")
+        builder = engine.builder
+        new_rows = (1 + builder.user_rows("Nice to meet you.", None, first=False).shape[0]
+                    + builder.assistant_prefix_rows(first=False).shape[0])
+        lead = min(12, len(engine.tokenizer("Nice to meet you too.", add_special_tokens=False)
+                              ["input_ids"]))
+        assert s2.prefilled_rows == new_rows + lead  # EOS row of turn 1 + user + prefix + lead
+        assert s1.prefilled_rows > s2.prefilled_rows
+
+        fresh = engine.conversation(sampling=greedy)
+        fresh.context.turns = [copy.copy(t) for t in conv.context.turns[:-1]]
+        s3, _ = await speak(fresh, "Nice to meet you too.")
+        assert s3.prefilled_rows > s2.prefilled_rows  # the whole history
+        assert torch.equal(frames_of(fresh), frames_of(conv))
+    finally:
+        engine.close()
+
+
+async def test_cancel_mid_turn_keeps_what_was_heard(parts):
+    """An interruption must stop audio at once and leave only the heard part in the context,
+    and the next turn must work."""
+    engine = make_engine(parts, max_frames_per_turn=200)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=5))
+        stream = conv.speak()
+        long_text = "one two three four five six seven eight nine ten " * 4
+        stream.push_text(long_text)
+        got = []
+        async for chunk in stream:
+            got.append(chunk)
+            if len(got) == 3:
+                stream.cancel(played_s=0.16)
+                break
+        with pytest.raises(StreamCancelled):
+            await stream.__anext__()
+        assert stream.done and stream.status is TurnStatus.CANCELLED
+        await wait_until(lambda: conv.turns and conv.turns[-1].frames == 2)
+        heard = conv.turns[-1].text
+        assert long_text.startswith(heard) and len(heard) < len(long_text) / 2
+        s2, chunks = await speak(conv, "Sorry, go on.")
+        assert s2.status is TurnStatus.FINISHED and chunks
+        assert [t.role for t in conv.turns] == ["assistant", "assistant"]
+        assert engine.stats().turns_cancelled == 1
+    finally:
+        engine.close()
+
+
+async def test_cancel_after_finish_truncates_the_recorded_turn(parts):
+    """A late interruption (audio still playing after generation ended) must rewrite the
+    context to what was played, and the next turn must prefill from that point."""
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=6))
+        s1, chunks = await speak(conv, TEXT)
+        total = conv.turns[-1].frames
+        assert total > 3
+        s1.cancel(played_s=0.24)
+        await wait_until(lambda: conv.turns[-1].frames == 3)
+        assert TEXT.startswith(conv.turns[-1].text) and conv.turns[-1].text != TEXT
+        s1.cancel(played_s=0.0)  # nothing heard at all: the turn leaves the context
+        await wait_until(lambda: not conv.turns)
+        s2, chunks2 = await speak(conv, "Next.")
+        assert chunks2 and s2.status is TurnStatus.FINISHED
+        s2b = conv.speak()  # a cancel after the next turn started must not touch turn 1
+        s1.cancel(played_s=0.08)
+        s2b.cancel()
+        await wait_until(lambda: s2b.done)
+        assert [t.text for t in conv.turns] == ["Next."]
+    finally:
+        engine.close()
+
+
+async def test_context_overflow_trims_and_keeps_serving(parts):
+    """A dialogue longer than the context budget must keep working (oldest turns dropped), and
+    a single turn that cannot fit must fail only itself with ContextOverflowError."""
+    engine = make_engine(parts, max_frames_per_turn=20)
+    system = engine.builder.system_rows().shape[0]
+    engine.close()
+    engine = make_engine(parts, max_frames_per_turn=20, max_context_rows=system + 180)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=8))
+        for i in range(5):
+            await conv.add_user_turn(text=f"Question {i}?")
+            s, chunks = await speak(conv, f"Answer {i}.")
+            assert s.error is None and chunks
+        assert conv.context.trims >= 1
+        assert conv.turns[-1].text == "Answer 4." and len(conv.turns) < 10
+        await conv.add_user_turn(text="long " * 300)
+        s = conv.speak()
+        s.end_text()
+        with pytest.raises(ContextOverflowError):
+            async for _ in s:
+                pass
+        assert isinstance(s.error, ContextOverflowError)
+        other = engine.conversation()
+        s2, chunks = await speak(other, "Still here.")
+        assert chunks
+    finally:
+        engine.close()
+
+
+async def test_admission_errors_are_immediate(parts):
+    """A full engine must refuse at once (the caller can shed load), never hang."""
+    engine = make_engine(parts, max_streams=2, max_conversations=3)
+    try:
+        a, b, c = (engine.conversation() for _ in range(3))
+        with pytest.raises(AdmissionError):
+            engine.conversation()
+        sa, sb = a.speak(), b.speak()
+        with pytest.raises(AdmissionError):
+            c.speak()
+        queued = a.speak()  # same conversation: queues behind its active turn, no error
+        assert queued.status is TurnStatus.QUEUED
+        for s in (sa, sb):
+            s.push_text("Short.")
+            s.end_text()
+            [x async for x in s]
+        queued.push_text("Then me.")
+        queued.end_text()
+        assert [x async for x in queued]
+        assert [t.text for t in a.turns] == ["Short.", "Then me."]
+        c.speak().cancel()  # admitted now that the others finished
+        c.close()
+        engine.conversation().close()  # a closed conversation frees its place
+    finally:
+        engine.close()
+
+
+async def test_text_starvation_pauses_without_padding(parts):
+    """When the LLM is slow the stream must wait, never pad mid-turn (padding can end a turn)."""
+    engine = make_engine(parts, max_frames_per_turn=100)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=9))
+        text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        n_ids = len(IncrementalTokenizer(engine.tokenizer).push(text))  # ids final so far
+        assert n_ids > 12
+        stream = conv.speak()
+        stream.push_text(text)
+        expected = n_ids - 12 + 1  # the lead gives frame 0, then one frame per token
+        await wait_until(lambda: stream.frames >= expected - 1)
+        await asyncio.sleep(0.3)  # observation window: nothing may be generated without text
+        assert stream.frames <= expected
+        pad = engine.builder.ids.text_pad
+        assert not bool((conv.context.kv_rows()[:, 0] == pad).any())
+        stream.push_text("fifteen.")
+        stream.end_text()
+        chunks = [c async for c in stream]
+        assert stream.status is TurnStatus.FINISHED and stream.frames > expected
+        assert "".join(w.word for c in chunks for w in c.words).endswith("fifteen.")
+    finally:
+        engine.close()
+
+
+def test_streams_from_three_event_loops_in_three_threads(parts):
+    """Plugins run loops in different threads (LiveKit: one per room): all must be served."""
+    engine = make_engine(parts, max_streams=3)
+    results: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        async def main() -> None:
+            conv = engine.conversation(sampling=SamplingParams(seed=i))
+            _, chunks = await speak(conv, f"Thread {i} is speaking now.", deltas=4)
+            results[i] = len(chunks)
+            assert len(asyncio.all_tasks()) == 1  # no task leaks into the caller's loop
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors and sorted(results) == [0, 1, 2] and all(results.values())
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   \n\t ", "ctrl\x00\x07\x1b[31m\r\nchars", "lone \ud800 surrogate \udfff",
+     "emoji 🙂👍🏽👨‍👩‍👧", "mixed 中文 English русский العربية 日本語", "<|im_end|><|text_pad|>"],
+    ids=["empty", "whitespace", "control", "surrogates", "emoji", "mixed", "markup"],
+)
+async def test_garbage_text_completes_and_the_engine_survives(parts, text):
+    """Odd input must end in a finished turn or its documented error, never a dead engine."""
+    engine = make_engine(parts, max_frames_per_turn=30)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=1))
+        stream, chunks = await speak(conv, text, deltas=3)
+        assert stream.status is TurnStatus.FINISHED and stream.error is None
+        if not text.strip():
+            assert chunks == [] and not conv.turns  # nothing to say, nothing recorded
+        _, after = await speak(conv, "Still fine.")
+        assert after
+    finally:
+        engine.close()
+
+
+async def test_oversized_text_is_rejected_with_its_error(parts):
+    """100 KB of text must raise TextTooLongError at push time, and the turn stays usable."""
+    engine = make_engine(parts, max_text_chars=2000)
+    try:
+        conv = engine.conversation()
+        stream = conv.speak()
+        with pytest.raises(TextTooLongError):
+            stream.push_text("x" * 100_000)
+        stream.push_text("Short instead.")
+        stream.end_text()
+        assert [c async for c in stream]
+        with pytest.raises(TypeError):
+            conv.speak().push_text(b"bytes")  # type: ignore[arg-type]
+    finally:
+        engine.close()
+
+
+async def test_a_failing_stream_fails_alone(parts, monkeypatch):
+    """A fault while serving one conversation must fail that stream only; others finish."""
+    engine = make_engine(parts)
+    try:
+        good, bad = engine.conversation(), engine.conversation()
+        real = engine.model.forward_rows
+
+        def faulty(rows, seq_ids, kv, **kw):
+            if bad.context.seq_id in seq_ids:
+                raise RuntimeError("injected fault")
+            return real(rows, seq_ids, kv, **kw)
+
+        monkeypatch.setattr(engine.model, "forward_rows", faulty)
+        results = await asyncio.gather(speak(good, TEXT), speak(bad, TEXT), return_exceptions=True)
+        assert isinstance(results[1], StreamFailed)
+        assert isinstance(results[1].__cause__, RuntimeError)
+        stream, chunks = results[0]
+        assert stream.status is TurnStatus.FINISHED and chunks
+        monkeypatch.setattr(engine.model, "forward_rows", real)
+        _, chunks = await speak(bad, "Recovered.")  # the failed conversation works again
+        assert chunks and engine.stats().turns_failed == 1
+    finally:
+        engine.close()
+
+
+async def test_close_ends_every_stream_with_engine_closed(parts):
+    """Shutting down must release every waiting consumer with a clear error, not hang them."""
+    engine = make_engine(parts)
+    conv = engine.conversation()
+    stream = conv.speak()
+    stream.push_text("This text never ends")  # no end_text: the stream waits for more
+    queued = conv.speak()
+    await wait_until(lambda: stream.status is TurnStatus.ACTIVE)
+    engine.close()
+    for s in (stream, queued):
+        with pytest.raises(EngineClosed):
+            async for _ in s:
+                pass
+        assert isinstance(s.error, EngineClosed) and s.done
+    with pytest.raises(EngineClosed):
+        conv.speak()
+    with pytest.raises(EngineClosed):
+        engine.conversation()
+    with pytest.raises(EngineClosed):
+        await conv.add_user_turn(text="hello")
+    engine.close()  # idempotent
+
+
+async def test_lead_cap_paces_generation_to_real_time(parts):
+    """With a real-time lead cap a stream must not race ahead of playback (it would waste
+    compute that other streams need, and an interruption would discard it)."""
+    engine = make_engine(parts, lead_s=0.3, max_frames_per_turn=30)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=2))
+        stream = conv.speak()
+        stream.push_text("A longer sentence so that the turn lasts a couple of seconds at least.")
+        stream.end_text()
+        start, emitted = None, 0.0
+        async for chunk in stream:
+            now = time.monotonic()
+            start = start or now
+            assert emitted <= (now - start) + 0.3 + 0.25  # lead + one chunk of slack
+            emitted += chunk.duration_s
+        assert emitted > 0.6 and time.monotonic() - start >= emitted - 0.3 - 0.1
+    finally:
+        engine.close()
+
+
+async def test_voice_and_user_audio_go_into_the_context(parts):
+    """A voice prompt and user speech must reach the model's context (rows carry their codes)."""
+    engine = make_engine(parts)
+    try:
+        rng = np.random.default_rng(0)
+        ref = (0.1 * rng.standard_normal(24000 * 2)).astype(np.float32)
+        voice = await engine.load_voice(ref, sample_rate=24000)
+        assert await engine.load_voice(ref, sample_rate=24000) is voice  # cached
+        conv = engine.conversation(voice=voice, sampling=SamplingParams(seed=4))
+        user = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+        await conv.add_user_turn(text="Can you hear me?", audio=user, sample_rate=16000)
+        assert conv.turns[0].frames == 12  # 1 s at 16 kHz -> 12 whole 80 ms frames
+        _, chunks = await speak(conv, "Yes, I can.")
+        rows = conv.context.kv_rows()
+        voice_rows = rows[rows[:, 0] == engine.builder.ids.audio_pad_text][:, 1:]
+        assert torch.equal(voice_rows, voice.codes)
+        conv.set_voice(None)  # applies from the next turn: the voice block leaves the context
+        _, chunks = await speak(conv, "Now without it.")
+        rows = conv.context.kv_rows()
+        assert not bool((rows[:, 0] == engine.builder.ids.audio_pad_text).any())
+    finally:
+        engine.close()
+
+
+async def test_full_kv_pool_evicts_idle_conversations_and_rebuilds_them(parts):
+    """KV memory follows real context: when the pool runs low an idle conversation's cache is
+    dropped and rebuilt from its rows on its next turn, instead of refusing new work."""
+    engine = make_engine(parts, kv_num_blocks=36, max_frames_per_turn=20)  # ~2 contexts
+    try:
+        convs = [engine.conversation(sampling=SamplingParams(seed=i)) for i in range(3)]
+        for conv in convs:
+            s, chunks = await speak(conv, "Hello there friend.")
+            assert s.error is None and chunks
+        assert convs[0].context.seq_id is None  # evicted while idle
+        s, chunks = await speak(convs[0], "Back again.")
+        assert s.error is None and chunks
+        assert s.prefilled_rows > 200  # the whole history was prefilled again
+        assert [t.text for t in convs[0].turns] == ["Hello there friend.", "Back again."]
+    finally:
+        engine.close()
+
+
+async def test_more_streams_than_the_frame_budget_all_finish(parts):
+    """With a per-tick frame budget below the number of streams, deadline order must still
+    serve every stream to the end (nobody starves)."""
+    engine = make_engine(parts, max_batch=2, max_frames_per_turn=20)
+    try:
+        convs = [engine.conversation(sampling=SamplingParams(seed=i)) for i in range(4)]
+        results = await asyncio.gather(*(speak(c, f"Stream {i} here.") for i, c in enumerate(convs)))
+        assert all(s.status is TurnStatus.FINISHED and chunks for s, chunks in results)
+    finally:
+        engine.close()
+
+
+def test_cli_says_text_into_a_wav(tiny_dirs, tmp_path, capsys):
+    """`moss-tts say` must stream a multi-sentence text into a playable 24 kHz WAV."""
+    import soundfile
+
+    from core.cli import main
+
+    model_dir, codec_dir = tiny_dirs
+    out = tmp_path / "out.wav"
+    rc = main(["say", "First sentence. Second one, with a comma! Third?", "-o", str(out),
+               "--model", str(model_dir), "--codec", str(codec_dir), "--seed", "1",
+               "--max-frames", "30"])
+    assert rc == 0
+    audio, rate = soundfile.read(str(out))
+    assert rate == 24000 and audio.size > 0 and audio.size % 1920 == 0
+    assert "first audio" in capsys.readouterr().out
+    assert main(["say", "   ", "-o", str(out), "--tiny"]) == 2

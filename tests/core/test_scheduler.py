@@ -1,0 +1,130 @@
+"""The scheduling policy on synthetic clocks: no torch, no threads, no wall time."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.engine.scheduler import PlaybackClock, PrefillChunk, StreamDemand, plan_step
+
+FRAME = 0.08
+
+
+def _plan(demands, max_batch=64, prefill_chunk=64, lead_s=1.0):
+    return plan_step(demands, max_batch=max_batch, prefill_chunk=prefill_chunk, lead_s=lead_s)
+
+
+def test_every_ready_stream_advances_when_budgets_allow():
+    """A stream with text and room under its lead cap must never be skipped (audio gaps)."""
+    demands = [StreamDemand(i, decode=True, buffered_s=0.1 * i) for i in range(5)]
+    plan = _plan(demands)
+    assert sorted(plan.decode) == [0, 1, 2, 3, 4]
+    assert plan.frames == 5 and not plan.prefill
+
+
+def test_least_buffered_goes_first_when_the_batch_is_full():
+    """Over the frame budget, the stream about to run dry must be served (no underrun)."""
+    demands = [StreamDemand(i, decode=True, buffered_s=b) for i, b in enumerate([0.9, 0.0, 0.5, 0.2])]
+    plan = _plan(demands, max_batch=2)
+    assert plan.decode == (1, 3)
+
+
+def test_streams_over_the_lead_cap_wait_and_report_when_to_wake():
+    """A stream far ahead of real time must not burn compute; the engine must know when to wake."""
+    demands = [StreamDemand(0, decode=True, buffered_s=1.3), StreamDemand(1, decode=True, buffered_s=1.1)]
+    plan = _plan(demands, lead_s=1.0)
+    assert plan.empty
+    assert plan.wake_in_s == pytest.approx(0.1)
+    assert _plan(demands, lead_s=None).decode == (1, 0)  # no cap: capacity mode
+
+
+def test_starved_stream_is_not_planned():
+    """A stream without text must wait, never be fed padding mid-turn."""
+    plan = _plan([StreamDemand(0, decode=False), StreamDemand(1, decode=True)])
+    assert plan.decode == (1,)
+
+
+def test_long_prefill_is_chunked_and_never_stalls_decoding():
+    """A new turn with a long history must not freeze streams that are already speaking."""
+    demands = [StreamDemand(0, prefill_rows=1000, prefill_samples=True)]
+    demands += [StreamDemand(i, decode=True, buffered_s=0.3) for i in range(1, 9)]
+    plan = _plan(demands, prefill_chunk=128)
+    assert plan.prefill == (PrefillChunk(0, 128, False),)
+    assert sorted(plan.decode) == list(range(1, 9))
+    assert plan.rows == 128 + 8
+
+
+def test_prefill_that_completes_the_lead_samples_the_first_frame():
+    """Only the chunk that ends the lead may sample frame 0 (earlier chunks emit no audio)."""
+    plan = _plan([StreamDemand(0, prefill_rows=40, prefill_samples=True)], prefill_chunk=64)
+    assert plan.prefill == (PrefillChunk(0, 40, True),)
+    assert plan.frames == 1
+    plan = _plan([StreamDemand(0, prefill_rows=40, prefill_samples=False)], prefill_chunk=64)
+    assert plan.prefill == (PrefillChunk(0, 40, False),) and plan.frames == 0
+
+
+def test_first_frames_come_before_prefix_only_prefill():
+    """A turn whose text lead is ready gets the prefill budget before one still waiting for text."""
+    demands = [
+        StreamDemand(0, prefill_rows=50, prefill_samples=False, arrival=0.0),
+        StreamDemand(1, prefill_rows=30, prefill_samples=True, arrival=1.0),
+        StreamDemand(2, prefill_rows=50, prefill_samples=False, arrival=0.5),
+    ]
+    plan = _plan(demands, prefill_chunk=60)
+    assert plan.prefill == (PrefillChunk(1, 30, True), PrefillChunk(0, 30, False))
+
+
+def test_a_full_frame_budget_defers_new_first_frames_behind_starving_streams():
+    """A stream already underrunning outranks a new turn's first frame when frames are scarce."""
+    demands = [
+        StreamDemand(0, prefill_rows=12, prefill_samples=True),
+        StreamDemand(1, decode=True, buffered_s=-0.05),
+    ]
+    plan = _plan(demands, max_batch=1)
+    assert plan.decode == (1,) and not plan.prefill
+
+
+def test_playback_clock_detects_underruns_but_not_text_starvation():
+    """An underrun means the listener heard a gap the engine caused, not a slow LLM."""
+    clock = PlaybackClock()
+    assert not clock.deliver(0.0, 0.08)
+    assert clock.buffered_s(0.05) == pytest.approx(0.03)
+    assert not clock.deliver(0.07, 0.24)  # arrives before the first chunk finished
+    assert clock.buffered_s(0.10, pending_s=0.08) == pytest.approx(0.22 + 0.08)
+    assert clock.deliver(0.50, 0.08)  # late: 0.32 of audio had played out by 0.32
+    assert not clock.deliver(0.90, 0.08, starved=True)  # waited for text: not an underrun
+
+
+def _simulate(n_streams, max_batch, tick_s, lead_s, seconds):
+    """Synthetic clock: each tick costs `tick_s`; every produced frame is delivered at once."""
+    clocks = [PlaybackClock() for _ in range(n_streams)]
+    frames = [0] * n_streams
+    underruns, now = 0, 0.0
+    max_ahead = 0.0
+    while now < seconds:
+        demands = [StreamDemand(i, decode=True, buffered_s=clocks[i].buffered_s(now))
+                   for i in range(n_streams)]
+        plan = plan_step(demands, max_batch=max_batch, prefill_chunk=64, lead_s=lead_s)
+        if plan.empty:
+            now += plan.wake_in_s or tick_s
+            continue
+        now += tick_s
+        for sid in plan.decode:
+            underruns += clocks[sid].deliver(now, FRAME)
+            frames[sid] += 1
+            max_ahead = max(max_ahead, clocks[sid].buffered_s(now))
+    return frames, underruns, max_ahead
+
+
+def test_deadline_order_keeps_every_stream_real_time_when_capacity_suffices():
+    """8 streams, 4 frames per 20 ms tick (1.6x real time overall): nobody may underrun, and
+    the lead cap must bound how far any stream runs ahead."""
+    frames, underruns, max_ahead = _simulate(8, 4, 0.02, lead_s=0.5, seconds=5.0)
+    assert underruns == 0
+    assert max_ahead <= 0.5 + FRAME + 1e-9
+    assert max(frames) - min(frames) <= 1  # fair: no stream falls behind the others
+
+
+def test_overload_spreads_the_shortfall_instead_of_starving_one_stream():
+    """Beyond capacity every stream slows equally (least-buffered first), none stops entirely."""
+    frames, _, _ = _simulate(8, 2, 0.02, lead_s=0.5, seconds=2.0)
+    assert min(frames) > 0 and max(frames) - min(frames) <= 1

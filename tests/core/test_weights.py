@@ -1,0 +1,215 @@
+"""Checkpoint loading: official layout in, precise CheckpointErrors for anything else.
+
+A user pointing the engine at a truncated download, a foreign checkpoint or a hand-edited config
+must learn which key or field is wrong at load time, not get a shape error deep in a forward.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import CheckpointError
+from core.model import ModelConfig, MossTTSRealtime
+from core.model.weights import DUPLICATE_TEXT_EMBED
+from core.tiny import write_tiny_model
+
+CONFORMANCE = Path(__file__).parents[2].parent / "shared" / "conformance"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_weights")
+    write_tiny_model(path, seed=3)
+    return path
+
+
+def _copy_with(tmp_path: Path, tiny: Path, edit) -> Path:
+    """A copy of the tiny checkpoint whose tensors went through `edit(dict)`."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    shutil.copy(tiny / "config.json", out / "config.json")
+    tensors = load_file(tiny / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def _config_with(tmp_path: Path, tiny: Path, edit) -> Path:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    shutil.copy(tiny / "model.safetensors", out / "model.safetensors")
+    cfg = json.loads((tiny / "config.json").read_text())
+    edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_conformance_checkpoint_loads_and_round_trips(tmp_path: Path):
+    """Prevents failing on the real on-disk format (written by upstream's save_pretrained) and
+    writing checkpoints upstream could not read back."""
+    model = MossTTSRealtime.from_pretrained(CONFORMANCE / "model")
+    assert model.dtype == torch.bfloat16 and model.config.text_pad_id == 426
+    assert model.config.audio_pad_text_id == 425 and model.config.text_vocab_size == 448
+    model.save_pretrained(tmp_path / "out")
+    original = load_file(CONFORMANCE / "model" / "model.safetensors")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(original) and len(written) == 95
+    for key, value in original.items():
+        assert torch.equal(written[key], value), key
+    again = MossTTSRealtime.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(again.text_embed, model.text_embed.float())
+
+
+def test_missing_key_is_named(tmp_path: Path, tiny: Path):
+    """Prevents a truncated checkpoint from loading with silently random weights."""
+    path = _copy_with(tmp_path, tiny, lambda t: t.pop("language_model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \[language_model\.layers\.1\.mlp\.up_proj"
+    ):
+        MossTTSRealtime.from_pretrained(path)
+
+
+def test_unexpected_key_is_named(tmp_path: Path, tiny: Path):
+    """Prevents loading a checkpoint of a different architecture that happens to share names."""
+
+    def add(t):
+        t["lm_head.weight"] = torch.zeros(4, 4)
+
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[lm_head\.weight\]"):
+        MossTTSRealtime.from_pretrained(_copy_with(tmp_path, tiny, add))
+
+
+def test_wrong_shape_is_named(tmp_path: Path, tiny: Path):
+    """Prevents a config/weights mismatch from surfacing as an obscure matmul error later."""
+
+    def shrink(t):
+        t["local_transformer.local_lm_heads.3.weight"] = torch.zeros(1000, 64, dtype=torch.bfloat16)
+
+    with pytest.raises(
+        CheckpointError, match=r"local_lm_heads\.3\.weight: checkpoint \(1000, 64\)"
+    ):
+        MossTTSRealtime.from_pretrained(_copy_with(tmp_path, tiny, shrink))
+
+
+def test_duplicate_text_table_is_optional(tmp_path: Path, tiny: Path):
+    """Prevents rejecting checkpoints saved without upstream's dead duplicate embedding."""
+    path = _copy_with(tmp_path, tiny, lambda t: t.pop(DUPLICATE_TEXT_EMBED))
+    assert MossTTSRealtime.from_pretrained(path).config.hidden_size == 64
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda c: c["language_config"].pop("hidden_size"), "language_config.hidden_size"),
+        (
+            lambda c: c["local_config"].update(num_key_value_heads="2"),
+            "local_config.num_key_value_heads",
+        ),
+        (lambda c: c.pop("text_pad"), "text_pad"),
+        (lambda c: c.update(reference_audio_pad=100000), "reference_audio_pad"),
+        (lambda c: c.pop("local_config"), "local_config"),
+        (lambda c: c["language_config"].pop("rope_theta"), "language_config.rope_theta"),
+        (lambda c: c["language_config"].update(rope_scaling={"rope_type": "yarn"}), "rope type"),
+    ],
+)
+def test_malformed_config_names_the_field(tmp_path: Path, tiny: Path, edit, field: str):
+    """Prevents a hand-edited or foreign config.json from failing with a bare KeyError/TypeError."""
+    with pytest.raises(CheckpointError, match=field.replace(".", r"\.")):
+        MossTTSRealtime.from_pretrained(_config_with(tmp_path, tiny, edit))
+
+
+def test_invalid_json_and_missing_weights(tmp_path: Path, tiny: Path):
+    """Prevents a half-downloaded directory from raising a raw JSON/IO error."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed JSON"):
+        MossTTSRealtime.from_pretrained(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(tiny / "config.json", empty / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        MossTTSRealtime.from_pretrained(empty)
+
+
+def test_both_rope_config_forms(tiny: Path):
+    """Prevents rejecting configs written by transformers 5 (`rope_parameters`) or by older
+    versions (`rope_theta` + `rope_scaling`), which the published checkpoints may use."""
+    cfg = json.loads((tiny / "config.json").read_text())
+    legacy = ModelConfig.from_dict(cfg)
+    lang = cfg["language_config"]
+    lang["rope_parameters"] = {"rope_type": "default", "rope_theta": lang.pop("rope_theta")}
+    lang.pop("rope_scaling")
+    local = cfg["local_config"]
+    for key in ("rope_theta", "rope_type"):
+        local.pop(key)
+    modern = ModelConfig.from_dict(cfg)
+    assert modern.backbone == legacy.backbone and modern.local == legacy.local
+    assert legacy.backbone.rope_theta == 1e6 and legacy.local.rope_factor == 1.0
+    cfg["language_config"]["rope_parameters"] = {
+        "rope_type": "linear",
+        "rope_theta": 1e4,
+        "factor": 2.0,
+    }
+    scaled = ModelConfig.from_dict(cfg).backbone
+    assert (scaled.rope_theta, scaled.rope_factor) == (1e4, 2.0)
+
+
+def test_sharded_checkpoint_loads(tmp_path: Path, tiny: Path):
+    """Prevents failing on the sharded layout (`model.safetensors.index.json`) of big models."""
+    tensors = load_file(tiny / "model.safetensors")
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(tiny / "config.json", out / "config.json")
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, out / file)
+        weight_map.update(dict.fromkeys(keys, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sharded = MossTTSRealtime.from_pretrained(out)
+    single = MossTTSRealtime.from_pretrained(tiny)
+    for (name, a), b in zip(
+        sharded.state_dict().items(), single.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_hub_id_from_prefilled_cache_offline(tmp_path: Path, tiny: Path, monkeypatch):
+    """Prevents offline deployments (HF_HUB_OFFLINE=1, weights pre-downloaded) from failing
+    or trying the network; an id that is not cached gives a CheckpointError naming it."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--acme--tiny-moss" / "snapshots" / commit
+    shutil.copytree(tiny, snapshot)
+    (cache / "models--acme--tiny-moss" / "refs").mkdir()
+    (cache / "models--acme--tiny-moss" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    model = MossTTSRealtime.from_pretrained("acme/tiny-moss", dtype=torch.float32)
+    assert model.config.hidden_size == 64
+    with pytest.raises(CheckpointError, match="acme/not-there"):
+        MossTTSRealtime.from_pretrained("acme/not-there")
+
+
+def test_dtypes(tiny: Path):
+    """Prevents silently loading in a dtype the engine did not ask for (memory and speed)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = MossTTSRealtime.from_pretrained(tiny, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    with pytest.raises(ValueError, match="dtype"):
+        MossTTSRealtime.from_pretrained(tiny, dtype=torch.int8)
