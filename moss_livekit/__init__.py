@@ -1,0 +1,75 @@
+"""MOSS-TTS-Realtime for LiveKit Agents: `from moss_livekit import TTS`.
+
+Import this module at the top of the agent file (on the main thread): LiveKit requires plugins to
+register there, and `python agent.py download-files` then fetches the weights ahead of time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from livekit.agents import Plugin
+
+from core.version import __version__
+
+from .engine import (
+    DEFAULT_CODEC,
+    DEFAULT_MODEL,
+    RECOMMENDED_INITIALIZE_TIMEOUT_S,
+    USERDATA_KEY,
+    close_shared_engines,
+    engine_occupancy,
+    load_fnc,
+    prewarm,
+    register_engine,
+    shared_engine,
+)
+from .errors import MossTTSError
+from .log import logger
+from .tts import TTS, ChunkedStream, SynthesizeStream
+
+__all__ = [
+    "TTS",
+    "SynthesizeStream",
+    "ChunkedStream",
+    "MossTTSError",
+    "MossPlugin",
+    "shared_engine",
+    "register_engine",
+    "close_shared_engines",
+    "prewarm",
+    "load_fnc",
+    "engine_occupancy",
+    "DEFAULT_MODEL",
+    "DEFAULT_CODEC",
+    "USERDATA_KEY",
+    "RECOMMENDED_INITIALIZE_TIMEOUT_S",
+    "__version__",
+]
+
+
+class MossPlugin(Plugin):
+    """Registers the plugin with LiveKit and downloads the weights on `download-files`."""
+
+    def __init__(self) -> None:
+        super().__init__(__name__, __version__, __package__ or "moss_livekit", logger)
+
+    def download_files(self) -> None:
+        """Fetch model and codec into the Hugging Face cache (override with MOSS_MODEL/MOSS_CODEC).
+
+        Local directories are left alone; hub ids are downloaded, so later loads work offline.
+        """
+        from huggingface_hub import snapshot_download
+
+        for repo in (
+            os.environ.get("MOSS_MODEL", DEFAULT_MODEL),
+            os.environ.get("MOSS_CODEC", DEFAULT_CODEC),
+        ):
+            if os.path.isdir(repo):
+                logger.info("%s is a local directory; nothing to download", repo)
+                continue
+            logger.info("downloading %s", repo)
+            snapshot_download(repo)
+
+
+Plugin.register_plugin(MossPlugin())

@@ -1,0 +1,348 @@
+"""Per-room context: one AgentSession's conversation on the shared engine.
+
+MOSS-TTS-Realtime sounds coherent in a dialogue because every turn is conditioned on the earlier
+turns (their text and audio). LiveKit never tells a TTS what the user said or how much of its
+audio was heard, so this module learns both from the session and keeps the engine's
+`Conversation` equal to what the listener actually experienced:
+
+* user turns: user messages committed to `session.history` (read at the start of each turn, so
+  none is missed however early it arrived), and final transcripts for preemptive synthesis, which
+  starts before the user message is committed;
+* what was heard: the audio output's `playback_finished` event, attributed to the speech that is
+  playing. An interrupted turn is cut to the playback position; a turn whose speech ended without
+  any playback (a discarded preemptive reply, a fallback probe) is cut to nothing, so it leaves no
+  trace. The position may arrive before or after LiveKit cancels the stream; both orders work
+  because the engine accepts `cancel(played_s)` until the next turn starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from livekit.agents.voice.io import AudioOutput, PlaybackFinishedEvent
+
+from core import Engine, SamplingParams, Voice
+from core.errors import EngineClosed
+
+from .log import logger
+from .user_audio import UserAudioTap
+
+if TYPE_CHECKING:
+    from livekit.agents.voice import AgentSession, SpeechHandle
+
+    from core import Conversation, TurnStream
+
+
+def current_speech() -> tuple[AgentSession | None, SpeechHandle | None]:
+    """The session and speech a stream is created for, when created inside a session's reply.
+
+    LiveKit runs each reply in a task that carries its activity and speech handle in context
+    variables (private in 1.8.9, hence the guarded import); a stream opened outside a session
+    (direct use, tests) gets (None, None) and keeps its own conversation.
+    """
+    try:
+        from livekit.agents.voice.agent_activity import (
+            _AgentActivityContextVar,
+            _SpeechHandleContextVar,
+        )
+    except ImportError:  # pragma: no cover - a future LiveKit moved them
+        return None, None
+    activity = _AgentActivityContextVar.get(None)
+    speech = _SpeechHandleContextVar.get(None)
+    session = activity.session if activity is not None else None
+    return session, speech
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One engine turn opened by a stream, until the engine knows how much of it was heard."""
+
+    turn: TurnStream
+    speech: SpeechHandle | None
+    emitted_s: float = 0.0  # audio handed to LiveKit so far
+    running: bool = True  # the stream's `_run` still owns the turn
+    cancelled: bool = False  # the stream was cancelled (interruption, discard, aclose)
+    played_s: float | None = None  # playback position reported by the audio output
+    resolved: bool = False  # the engine got its final `cancel(played_s)` or the turn stays whole
+
+
+@dataclass(slots=True)
+class _UserTurn:
+    text: str
+    item_id: str | None = None
+    audio: np.ndarray | None = None  # int16 mono speech of this turn, when tapped
+    sample_rate: int | None = None
+
+
+@dataclass(slots=True)
+class _SessionLinks:
+    """Event handlers registered on a session and its audio output, kept to unregister them."""
+
+    session: AgentSession
+    audio_output: AudioOutput | None = None
+    handlers: dict[str, Any] = field(default_factory=dict)
+
+
+class RoomContext:
+    """The conversation of one AgentSession (or of direct `stream()` use without a session).
+
+    Lives on the event loop of that session; the engine behind it is shared by every room.
+    """
+
+    def __init__(
+        self, engine: Engine, session: AgentSession | None, *, capture_user_audio: bool = True
+    ) -> None:
+        self._engine = engine
+        self._capture_user_audio = capture_user_audio
+        self._tap: UserAudioTap | None = None
+        self._conv: Conversation | None = None
+        self._voice_key: str | None = None
+        self._sampling: SamplingParams | None = None
+        self._lock = asyncio.Lock()  # one turn is prepared at a time (voice, user turns, speak)
+        self._records: list[TurnRecord] = []
+        self._seen_user_ids: set[str] = set()
+        self._transcripts: list[str] = []  # final transcripts not yet part of a user turn
+        self._provisional = ""  # user text added from transcripts before it was committed
+        self._links: _SessionLinks | None = None
+        self._closed = False
+        if session is not None:
+            self._link(session)
+
+    # ---- session wiring -------------------------------------------------------------------
+
+    @property
+    def session(self) -> AgentSession | None:
+        return self._links.session if self._links is not None else None
+
+    @property
+    def conversation(self) -> Conversation | None:
+        """The engine conversation, created at the first turn."""
+        return self._conv
+
+    def _link(self, session: AgentSession) -> None:
+        links = _SessionLinks(session=session)
+        links.handlers = {
+            "user_input_transcribed": self._on_transcribed,
+            "user_state_changed": self._on_user_state,
+            "close": self._on_session_close,
+        }
+        for name, handler in links.handlers.items():
+            session.on(name, handler)
+        self._links = links
+        self._follow_audio_output()
+        self._follow_audio_input()
+
+    def _follow_audio_output(self) -> None:
+        """Listen to the session's current audio output (it may be replaced after start)."""
+        links = self._links
+        if links is None:
+            return
+        current = links.session.output.audio
+        if current is links.audio_output:
+            return
+        if links.audio_output is not None:
+            links.audio_output.off("playback_finished", self._on_playback_finished)
+        if current is not None:
+            current.on("playback_finished", self._on_playback_finished)
+        links.audio_output = current
+
+    def _follow_audio_input(self) -> None:
+        """Keep the user-speech tap at the head of the session's input (it may be replaced)."""
+        links = self._links
+        if links is None or not self._capture_user_audio:
+            return
+        current = links.session.input.audio
+        if current is None or current is self._tap:
+            return
+        if isinstance(current, UserAudioTap):  # another TTS instance tapped it already
+            self._tap = current
+            return
+        self._tap = UserAudioTap(current)
+        links.session.input.audio = self._tap
+
+    def _on_user_state(self, ev: Any) -> None:
+        self._follow_audio_input()
+        if self._tap is not None:
+            self._tap.recording = ev.new_state == "speaking"
+
+    def _unlink(self) -> None:
+        links, self._links = self._links, None
+        if links is None:
+            return
+        for name, handler in links.handlers.items():
+            links.session.off(name, handler)
+        if links.audio_output is not None:
+            links.audio_output.off("playback_finished", self._on_playback_finished)
+
+    def _on_transcribed(self, ev: Any) -> None:
+        if getattr(ev, "is_final", False) and (text := (ev.transcript or "").strip()):
+            self._transcripts.append(text)
+
+    def _on_session_close(self, _ev: Any) -> None:
+        self.close()  # the room is over: free its engine conversation now
+
+    # ---- turn preparation -----------------------------------------------------------------
+
+    async def open_turn(
+        self, voice: Voice | None, sampling: SamplingParams | None, speech: SpeechHandle | None
+    ) -> TurnRecord:
+        """Bring the conversation up to date and open (admit or queue) the next assistant turn.
+
+        Raises what the engine raises (`AdmissionError`, `EngineClosed`, `TextTooLongError` for
+        a user turn); the caller enters `record.turn` and reports back with `stream_finished`.
+        """
+        async with self._lock:
+            if self._closed:
+                raise EngineClosed("this TTS was closed (aclose) or its session ended")
+            self._follow_audio_output()
+            self._settle_finished()
+            conv = self._ensure_conversation(voice, sampling)
+            self._follow_audio_input()
+            for user in self._new_user_turns():
+                await conv.add_user_turn(
+                    text=user.text, audio=user.audio, sample_rate=user.sample_rate
+                )
+            record = TurnRecord(turn=conv.speak(), speech=speech)
+            self._records.append(record)
+            if speech is not None:
+                speech.add_done_callback(self._on_speech_done)
+            return record
+
+    def _ensure_conversation(
+        self, voice: Voice | None, sampling: SamplingParams | None
+    ) -> Conversation:
+        key = voice.key if voice is not None else None
+        if self._conv is None:
+            self._conv = self._engine.conversation(voice=voice, sampling=sampling)
+        else:
+            if key != self._voice_key:
+                self._conv.set_voice(voice)  # applies from this turn on (engine semantics)
+            if sampling != self._sampling and sampling is not None:
+                seed = sampling.seed if sampling.seed is not None else self._conv.sampling.seed
+                # read by the engine when the turn starts; the conversation's seed continues
+                self._conv.sampling = replace(sampling, seed=seed)
+        self._voice_key, self._sampling = key, sampling
+        return self._conv
+
+    def _new_user_turns(self) -> list[_UserTurn]:
+        """User messages committed since the last turn, else the final transcripts (preemptive)."""
+        turns: list[_UserTurn] = []
+        session = self.session
+        if session is not None:
+            for item in session.history.items:
+                if getattr(item, "type", None) != "message" or item.role != "user":
+                    continue
+                if item.id in self._seen_user_ids:
+                    continue
+                self._seen_user_ids.add(item.id)
+                text = (item.text_content or "").strip()
+                text = self._minus_provisional(text)
+                if text:
+                    turns.append(_UserTurn(text=text, item_id=item.id))
+        if turns:
+            self._transcripts.clear()
+        elif self._transcripts:
+            # preemptive synthesis: the user message is committed only after the reply is chosen
+            text = " ".join(self._transcripts)
+            self._transcripts.clear()
+            self._provisional = f"{self._provisional} {text}".strip()
+            turns.append(_UserTurn(text=text))
+        if turns and self._tap is not None and (speech := self._tap.take()) is not None:
+            turns[-1].audio, turns[-1].sample_rate = speech  # what the user said, as heard
+        return turns
+
+    def _minus_provisional(self, text: str) -> str:
+        """Drop the part of a committed user message that was already added from transcripts."""
+        done, self._provisional = self._provisional, ""
+        if done and text.startswith(done):
+            return text[len(done) :].strip()
+        return text
+
+    # ---- what was heard -------------------------------------------------------------------
+
+    def stream_finished(self, record: TurnRecord, *, cancelled: bool) -> None:
+        """The stream let go of its turn; settle it now if nothing more can be learned."""
+        record.running = False
+        record.cancelled = cancelled
+        if record.played_s is not None:
+            self._resolve(record, record.played_s)
+        elif cancelled and record.speech is None and self._links is None:
+            # direct use without a session: what reached the caller counts as heard
+            self._resolve(record, record.emitted_s)
+        elif record.speech is not None and record.speech.done():
+            self._settle_speech(record.speech)
+
+    def _on_playback_finished(self, ev: PlaybackFinishedEvent) -> None:
+        record = self._playing_record()
+        if record is None:
+            return
+        position = min(max(ev.playback_position, 0.0), record.emitted_s)
+        if ev.interrupted or record.cancelled:
+            record.played_s = position
+            self._resolve(record, position)
+        else:
+            record.played_s = record.emitted_s
+            record.resolved = True  # heard in full: the engine keeps the whole turn
+
+    def _playing_record(self) -> TurnRecord | None:
+        """The oldest unsettled record with audio, preferring the speech that is playing now."""
+        session = self.session
+        speech = session.current_speech if session is not None else None
+        candidates = [r for r in self._records if not r.resolved and r.played_s is None]
+        candidates = [r for r in candidates if r.emitted_s > 0.0]
+        if speech is not None:
+            mine = [r for r in candidates if r.speech is not None and r.speech.id == speech.id]
+            candidates = mine or candidates
+        return candidates[0] if candidates else None
+
+    def _on_speech_done(self, speech: SpeechHandle) -> None:
+        self._settle_speech(speech)
+
+    def _settle_speech(self, speech: SpeechHandle) -> None:
+        """A finished speech's turns that were never played were not heard: cut them to zero."""
+        for record in self._records:
+            same = record.speech is not None and record.speech.id == speech.id
+            if same and not record.resolved and not record.running and record.played_s is None:
+                self._resolve(record, 0.0)
+
+    def _settle_finished(self) -> None:
+        """Before a new turn: settle what can still be settled and forget settled records."""
+        for record in self._records:
+            if record.resolved or record.running:
+                continue
+            if record.speech is not None and record.speech.done():
+                self._settle_speech(record.speech)
+            elif record.cancelled and record.played_s is None:
+                self._resolve(record, 0.0 if record.speech is not None else record.emitted_s)
+            else:
+                record.resolved = True  # finished and never interrupted: kept whole
+        self._records = [r for r in self._records if not r.resolved or r.running]
+
+    def _resolve(self, record: TurnRecord, played_s: float) -> None:
+        if record.resolved:
+            return
+        record.resolved = True
+        logger.debug("turn heard up to %.2fs of %.2fs", played_s, record.emitted_s)
+        try:
+            record.turn.cancel(played_s=played_s)
+        except Exception:  # the engine may have moved on (closed, next turn started)
+            logger.warning("could not truncate a turn to %.2fs", played_s, exc_info=True)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the conversation (frees its engine slot) and stop listening to the session."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unlink()
+        conv, self._conv = self._conv, None
+        if conv is not None:
+            conv.close()  # non-blocking: the engine thread drops it
+
+    async def aclose(self) -> None:
+        self.close()
+
