@@ -225,7 +225,7 @@ class ConversationContext:
         keep = common_prefix_len(cached, target)
         if keep < self.kv_len:
             pool.truncate(self.seq_id, keep)
-            self._kv_rows, self.kv_len = [cached[:keep]], keep
+        self._kv_rows, self.kv_len = [cached[:keep]], keep  # one tensor again (turn boundary)
         return target[keep:]
 
     def kv_appended(self, rows: Tensor) -> None:
@@ -315,8 +315,16 @@ class Conversation:
     async def add_user_turn(
         self, text: str = "", audio: Any = None, sample_rate: int | None = None
     ) -> None:
-        """Add what the user said (text, and their speech when given, encoded on the engine
-        thread); it goes after any turn already queued on this conversation."""
+        """Add what the user said: text, and their speech when given (int16 bytes or an array
+        with `sample_rate`, or an audio file), encoded on the engine thread.
+
+        The turn goes after the turns already queued on this conversation, so this returns
+        once the active assistant turn (if any) has ended and the user turn is in the context.
+
+        Raises:
+            ValueError: neither text nor audio (InvalidAudioError for unreadable audio).
+            TextTooLongError: more than `max_text_chars` characters.
+        """
         await self._link._add_user_turn(self, text, audio, sample_rate)
 
     def close(self) -> None:

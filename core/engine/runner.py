@@ -101,9 +101,10 @@ class ModelRunner:
         """Per-slot state a failed tick may have advanced (sampler history/counters, codec
         positions; ring caches are rewritten at the same positions on a retry)."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        s = self.sampler
-        saved = {name: getattr(s, name).index_select(0, idx).clone()
-                 for name in ("history", "count", "counter")}
+        size = self.sampler.size  # every per-row tensor (history, counters, params)
+        saved = {name: value.index_select(0, idx).clone()
+                 for name, value in vars(self.sampler).items()
+                 if isinstance(value, Tensor) and value.dim() and value.shape[0] == size}
         frames = self.codec_state.frames
         return _SlotSnapshot(idx, saved, frames.index_select(0, idx.to(frames.device)).clone())
 

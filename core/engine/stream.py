@@ -102,8 +102,8 @@ class TurnStream:
         with self._lock:
             if self._text_ended:
                 raise ValueError("push_text after end_text()")
-            if self._status in (TurnStatus.CANCELLED, TurnStatus.FAILED) or not delta:
-                return
+            if self._done.is_set() or self._status is TurnStatus.CANCELLED or not delta:
+                return  # the turn is over (or was interrupted): late text has nowhere to go
             if self._chars + len(delta) > self._max_chars:
                 raise TextTooLongError(
                     f"turn text would be {self._chars + len(delta)} characters, "

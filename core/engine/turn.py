@@ -178,7 +178,7 @@ class ActiveTurn:
         self.emitted_frames += n
         words = self._released_words(pcm, n, final)
         duration = len(pcm) / self.sample_rate
-        if self.clock.deliver(now, duration, starved=self.starved):
+        if duration > 0 and self.clock.deliver(now, duration, starved=self.starved):
             self.underruns += 1
         self.starved = False
         if self.first_chunk_at is None:

@@ -19,7 +19,13 @@ from core.model.layers import Block, RMSNorm, attention, rope_cos_sin
 
 
 class FrameCache:
-    """Frame-local KV cache [layers, B, KV, 16, hd]; position i is written at step i."""
+    """Frame-local KV cache; position i is written at step i.
+
+    On the CPU the keys/values are stored already repeated to the query heads
+    ([layers, B, H, 16, hd]): each step writes its one new position n_rep times instead of
+    `repeat_kv` copying the whole prefix again in every layer of every step. Elsewhere they stay
+    grouped ([layers, B, KV, 16, hd]) for SDPA's native GQA.
+    """
 
     def __init__(
         self,
@@ -30,19 +36,30 @@ class FrameCache:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
+        n_heads: int | None = None,
     ) -> None:
-        self.k = torch.empty(layers, batch, n_kv, steps, head_dim, device=device, dtype=dtype)
+        n_heads = n_heads or n_kv
+        self.expanded = torch.device(device).type == "cpu" and n_heads != n_kv
+        self.n_rep = n_heads // n_kv if self.expanded else 1
+        heads = n_heads if self.expanded else n_kv
+        self.k = torch.empty(layers, batch, heads, steps, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.step = 0
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         i = self.step
-        self.k[layer, :, :, i] = k
-        self.v[layer, :, :, i] = v
+        if not self.expanded:
+            self.k[layer, :, :, i] = k
+            self.v[layer, :, :, i] = v
+            keys, values = self.k[layer, :, :, : i + 1], self.v[layer, :, :, : i + 1]
+            # one query that may see every earlier position: no mask needed
+            return attention(q[:, :, None], keys, values)[:, :, 0]
+        batch, n_kv, steps, head_dim = k.shape[0], k.shape[1], self.k.shape[3], k.shape[2]
+        grouped = (batch, n_kv, self.n_rep, steps, head_dim)  # query head h reads KV h // n_rep
+        self.k[layer].view(grouped)[:, :, :, i] = k[:, :, None]
+        self.v[layer].view(grouped)[:, :, :, i] = v[:, :, None]
         keys, values = self.k[layer, :, :, : i + 1], self.v[layer, :, :, : i + 1]
-        # one query that may see every earlier position: no mask needed
-        out = attention(q[:, :, None], keys, values)
-        return out[:, :, 0]
+        return F.scaled_dot_product_attention(q[:, :, None], keys, values)[:, :, 0]
 
 
 # sample(logits [B, V] fp32, codebook) -> codes [B]
@@ -61,6 +78,20 @@ class Depth(nn.Module):
         self.layers = nn.ModuleList(Block(tc) for _ in range(tc.num_layers))
         self.norm = RMSNorm(d, tc.rms_norm_eps)
         self.heads = nn.Parameter(torch.empty(config.rvq, v, d))  # head i -> codebook i
+        self._rope: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
+
+    def _rope_steps(self, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """cos/sin [1, hd] of each of the 16 local positions, built once per device and dtype."""
+        key = (device, dtype)
+        if key not in self._rope:
+            tc = self.tc
+            with torch.inference_mode(False):  # normal tensors: usable in and out of inference
+                positions = torch.arange(self.rvq, device=device)
+                cos, sin = rope_cos_sin(
+                    positions, tc.head_dim, tc.rope_theta, tc.rope_factor, dtype
+                )
+            self._rope[key] = [(cos[i : i + 1], sin[i : i + 1]) for i in range(self.rvq)]
+        return self._rope[key]
 
     def step(self, x: Tensor, cache: FrameCache, cos: Tensor, sin: Tensor) -> Tensor:
         """One local position for every row: x [B, D] -> normed hidden [B, D]."""
@@ -82,17 +113,14 @@ class Depth(nn.Module):
             tc.head_dim,
             hidden.device,
             hidden.dtype,
+            n_heads=tc.num_heads,
         )
-        positions = torch.arange(self.rvq, device=hidden.device)
-        cos_all, sin_all = rope_cos_sin(
-            positions, tc.head_dim, tc.rope_theta, tc.rope_factor, hidden.dtype
-        )
+        rope = self._rope_steps(hidden.device, hidden.dtype)
         codes = torch.empty(batch, self.rvq, dtype=torch.long, device=hidden.device)
         x = hidden
         for i in range(self.rvq):
-            cos = cos_all[i : i + 1].expand(batch, -1)
-            sin = sin_all[i : i + 1].expand(batch, -1)
-            h = self.step(x, cache, cos, sin)
+            cos, sin = rope[i]
+            h = self.step(x, cache, cos.expand(batch, -1), sin.expand(batch, -1))
             logits = F.linear(h, self.heads[i]).to(torch.promote_types(h.dtype, torch.float32))
             if logits_out is not None:
                 logits_out[:, i] = logits

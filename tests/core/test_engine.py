@@ -78,6 +78,7 @@ async def test_one_turn_streams_chunks_with_words(parts):
     try:
         conv = engine.conversation(sampling=SamplingParams(seed=3))
         stream, chunks = await speak(conv, TEXT, deltas=7)
+        await asyncio.wait_for(stream.wait(), 5)  # already over: returns at once
         assert stream.status is TurnStatus.FINISHED and stream.error is None and stream.done
         assert chunks[0].duration_s == pytest.approx(0.08) and chunks[0].start_s == 0
         assert chunks[-1].final and not any(c.final for c in chunks[:-1])
@@ -389,25 +390,50 @@ async def test_oversized_text_is_rejected_with_its_error(parts):
         engine.close()
 
 
-async def test_a_failing_stream_fails_alone(parts, monkeypatch):
-    """A fault while serving one conversation must fail that stream only; others finish."""
+@pytest.mark.parametrize("where", ["backbone", "codec"])
+async def test_a_failing_stream_fails_alone(parts, monkeypatch, where):
+    """A fault while serving one conversation must fail that stream only; the others finish
+    with exactly the audio they would have had (the failed batch is rolled back and retried)."""
     engine = make_engine(parts)
     try:
-        good, bad = engine.conversation(), engine.conversation()
-        real = engine.model.forward_rows
+        clean = engine.conversation(sampling=SamplingParams(seed=21))
+        await speak(clean, TEXT)
+        expected = frames_of(clean)
+        good = engine.conversation(sampling=SamplingParams(seed=21))
+        bad = engine.conversation(sampling=SamplingParams(seed=22))
+        worker = engine._worker
 
-        def faulty(rows, seq_ids, kv, **kw):
-            if bad.context.seq_id in seq_ids:
-                raise RuntimeError("injected fault")
-            return real(rows, seq_ids, kv, **kw)
+        def bad_in(seq_ids=None, slots=None) -> bool:
+            cs = worker.convs.get(bad.conv_id)
+            if seq_ids is not None:
+                return bad.context.seq_id in seq_ids
+            return cs is not None and cs.active is not None and cs.active.lease.index in slots
 
-        monkeypatch.setattr(engine.model, "forward_rows", faulty)
+        if where == "backbone":  # fails before any state changed
+            real = engine.model.forward_rows
+
+            def faulty(rows, seq_ids, kv, **kw):
+                if bad_in(seq_ids=seq_ids):
+                    raise RuntimeError("injected fault")
+                return real(rows, seq_ids, kv, **kw)
+
+            monkeypatch.setattr(engine.model, "forward_rows", faulty)
+        else:  # fails after the KV, sampler history and random counters advanced
+            real = engine.codec.decode_step
+
+            def faulty(codes, slots, state):
+                if bad_in(slots=slots.tolist()):
+                    raise RuntimeError("injected fault")
+                return real(codes, slots, state)
+
+            monkeypatch.setattr(engine.codec, "decode_step", faulty)
         results = await asyncio.gather(speak(good, TEXT), speak(bad, TEXT), return_exceptions=True)
         assert isinstance(results[1], StreamFailed)
         assert isinstance(results[1].__cause__, RuntimeError)
         stream, chunks = results[0]
         assert stream.status is TurnStatus.FINISHED and chunks
-        monkeypatch.setattr(engine.model, "forward_rows", real)
+        assert torch.equal(frames_of(good), expected)
+        monkeypatch.undo()
         _, chunks = await speak(bad, "Recovered.")  # the failed conversation works again
         assert chunks and engine.stats().turns_failed == 1
     finally:
@@ -422,7 +448,9 @@ async def test_close_ends_every_stream_with_engine_closed(parts):
     stream.push_text("This text never ends")  # no end_text: the stream waits for more
     queued = conv.speak()
     await wait_until(lambda: stream.status is TurnStatus.ACTIVE)
-    engine.close()
+    waiter = asyncio.ensure_future(stream.wait())
+    await engine.aclose()
+    await asyncio.wait_for(waiter, 5)  # a waiter in this loop is released by the engine thread
     for s in (stream, queued):
         with pytest.raises(EngineClosed):
             async for _ in s:
@@ -527,3 +555,18 @@ def test_cli_says_text_into_a_wav(tiny_dirs, tmp_path, capsys):
     assert rate == 24000 and audio.size > 0 and audio.size % 1920 == 0
     assert "first audio" in capsys.readouterr().out
     assert main(["say", "   ", "-o", str(out), "--tiny"]) == 2
+
+
+def test_public_api_is_importable_from_core():
+    """Plugins import only from `core`: every advertised name must resolve (lazily)."""
+    import subprocess
+    import sys
+
+    import core
+
+    for name in core.__all__:
+        assert getattr(core, name) is not None, name
+    assert core.TurnStream.__module__ == "core.engine.stream"
+    # `import core.errors` stays light: no torch until the engine is used.
+    code = "import sys, core.errors; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

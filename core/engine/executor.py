@@ -1,0 +1,110 @@
+"""One tick's execution: rows -> `ModelRunner` -> frames and chunks delivered to the streams.
+
+A batched step that raises is rolled back (KV lengths, sampler and codec slot state) and each
+stream is retried alone, so one bad stream fails by itself and the others lose nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from core.engine.runner import RowWork, StepOutput
+from core.engine.turn import ActiveTurn, Phase
+
+if TYPE_CHECKING:
+    from core.engine.worker import Worker
+
+log = logging.getLogger("core.engine")
+
+Work = list[tuple[ActiveTurn, RowWork]]
+
+
+class Executor:
+    """Runs planned work for the `Worker` (engine thread only)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.runner, self.kv, self.metrics = worker.runner, worker.kv, worker.metrics
+        # Test hook: called with (turn id, raw logits [16, V]) for every sampled frame.
+        self.trace_logits: Callable[[int, torch.Tensor], None] | None = None
+
+    def run(self, work: Work) -> None:
+        """Run a tick; if the batch fails, roll back and run each stream alone to isolate it."""
+        self._make_room(sum(int(w.rows.shape[0]) for _, w in work))
+        started = time.monotonic()
+        out = self._try(work)
+        frames = 0
+        if out is not None:
+            self._apply(work, out)
+            frames = int(out.codes.shape[0])
+        elif len(work) > 1:
+            log.warning("batched step failed; retrying its %d streams one by one", len(work))
+            for item in work:
+                if item[0].phase is not Phase.DONE and (single := self._try([item])) is not None:
+                    self._apply([item], single)
+                    frames += int(single.codes.shape[0])
+        self.metrics.record_step(time.monotonic() - started, frames)
+
+    def _try(self, work: Work) -> StepOutput | None:
+        ctxs = [self.worker.context(t) for t, _ in work]
+        lengths = [c.kv_len for c in ctxs]
+        slots = [w.slot for _, w in work if w.slot is not None]
+        snap = self.runner.snapshot(slots) if slots else None
+        try:
+            return self.runner.step([w for _, w in work],
+                                    want_logits=self.trace_logits is not None)
+        except Exception as exc:
+            for ctx, n in zip(ctxs, lengths, strict=True):
+                if ctx.seq_id is not None and self.kv.length(ctx.seq_id) != n:
+                    ctx.kv_truncate(self.kv, n)
+            if snap is not None:
+                self.runner.restore(snap)
+            if len(work) == 1:
+                self.worker.fail(work[0][0], exc)
+            return None
+
+    def _apply(self, work: Work, out: StepOutput) -> None:
+        now = time.monotonic()
+        j = 0
+        for turn, w in work:
+            self.worker.context(turn).kv_appended(w.rows)
+            if w.slot is None:
+                continue
+            codes, pcm = out.codes[j], out.pcm[j]
+            if out.logits is not None and self.trace_logits is not None:
+                self.trace_logits(turn.stream.turn_id, out.logits[j])
+            j += 1
+            if turn.phase is not Phase.DONE:
+                self.worker.per_stream(turn, lambda t=turn, c=codes, p=pcm: self._deliver(t, c, p, now))
+
+    def _deliver(self, turn: ActiveTurn, codes: torch.Tensor, pcm: torch.Tensor | None,
+                 now: float) -> None:
+        alive = turn.accept_frame(codes, pcm)
+        chunk = turn.take_chunk(now, final=not alive)
+        if chunk is not None:
+            if chunk.start_s == 0.0 and turn.lead_ready_at is not None:
+                turn.stream.ttfa_s = now - turn.lead_ready_at
+                self.metrics.record_ttfa(turn.stream.ttfa_s)
+            turn.stream.frames = len(turn.frames)
+            turn.stream.channel.put(chunk)
+        if turn.underruns:
+            self.metrics.add("underruns", turn.underruns)
+            turn.underruns = 0
+        if not alive:
+            self.worker.end_turn(turn, None)
+
+    def _make_room(self, rows: int) -> None:
+        """Evict idle conversations' KV (least recently used first) when the pool runs low."""
+        need = rows + self.kv.block_size * max(1, len(self.worker.active))
+        if self.kv.rows_free >= need:
+            return
+        for cs in self.worker.idle_with_kv():
+            cs.conv.context.release_kv(self.kv)
+            log.info("evicted the KV cache of idle conversation %d", cs.conv.conv_id)
+            if self.kv.rows_free >= need:
+                return

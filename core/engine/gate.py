@@ -1,0 +1,179 @@
+"""The engine's front door, shared by caller threads and the engine thread.
+
+Everything a caller does goes through here under one lock: admission counts (open
+conversations, conversations with a turn queued or speaking), the command queue the engine
+thread drains each tick, and the wake-up event. Admission is decided here at call time, so a
+full engine refuses at once instead of queueing work it cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from core.errors import AdmissionError, EngineClosed
+
+Command = Callable[[], None]
+
+
+class Gate:
+    """Lock-protected admission state, command queue and wake-up event."""
+
+    def __init__(self, max_streams: int, max_conversations: int) -> None:
+        self.max_streams, self.max_conversations = max_streams, max_conversations
+        self._lock = threading.Lock()
+        self._commands: deque[Command] = deque()
+        self._closed = False
+        self._open_convs = 0
+        self._outstanding: dict[int, int] = {}  # conv id -> turns queued or active
+        self._admitted: dict[int, int] = {}  # turn id -> conv id, while counted above
+        self._next_id = 0
+        self._wakeup = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine was closed")
+
+    # -- caller side --------------------------------------------------------------------------
+    def post(self, command: Command, *, strict: bool = True) -> None:
+        """Queue a command for the engine thread (EngineClosed when closed and `strict`)."""
+        with self._lock:
+            if self._closed:
+                if strict:
+                    raise EngineClosed("the engine was closed")
+                return
+            self._commands.append(command)
+        self._wakeup.set()
+
+    def open_conversation(self) -> int:
+        """Count a new conversation; returns its id.
+
+        Raises:
+            AdmissionError: `max_conversations` are already open.
+        """
+        with self._lock:
+            self._check_open()
+            if self._open_convs >= self.max_conversations:
+                raise AdmissionError(f"max_conversations={self.max_conversations} already open")
+            self._open_convs += 1
+            self._next_id += 1
+            return self._next_id
+
+    def close_conversation(self, conv_id: int, command: Command) -> None:
+        """Free the conversation's place at once; its drop runs before any later command."""
+        with self._lock:
+            self._open_convs -= 1
+            if self._closed:
+                return
+            for turn_id in [t for t, c in self._admitted.items() if c == conv_id]:
+                self._release(turn_id)
+            self._commands.append(command)
+        self._wakeup.set()
+
+    def admit_turn(self, conv_id: int) -> int:
+        """Admit a turn of `conv_id` (queued behind its active turn if any); returns its id.
+
+        Raises:
+            AdmissionError: `max_streams` other conversations are already speaking.
+        """
+        with self._lock:
+            self._check_open()
+            busy = self._outstanding.get(conv_id, 0)
+            if busy == 0 and len(self._outstanding) >= self.max_streams:
+                raise AdmissionError(f"max_streams={self.max_streams} turns already speaking")
+            self._outstanding[conv_id] = busy + 1
+            self._next_id += 1
+            self._admitted[self._next_id] = conv_id
+            return self._next_id
+
+    def cancel_turn(self, turn_id: int, command: Command) -> None:
+        """Release the turn's admission and queue its cancel atomically, so the cancel runs
+        before any turn admitted in its place (which then finds the slot free)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._release(turn_id)
+            self._commands.append(command)
+        self._wakeup.set()
+
+    def release_turn(self, turn_id: int) -> None:
+        """The turn ended: it no longer counts against max_streams (idempotent)."""
+        with self._lock:
+            self._release(turn_id)
+
+    def _release(self, turn_id: int) -> None:
+        conv_id = self._admitted.pop(turn_id, None)
+        if conv_id is not None:
+            self._outstanding[conv_id] -= 1
+            if self._outstanding[conv_id] <= 0:
+                del self._outstanding[conv_id]
+
+    def counts(self) -> tuple[int, int]:
+        """(turns queued or active, open conversations)."""
+        with self._lock:
+            return sum(self._outstanding.values()), self._open_convs
+
+    def close(self) -> bool:
+        """Refuse new work from now on; True for the call that actually closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+        self._wakeup.set()
+        return True
+
+    # -- engine thread ------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def wait(self, timeout: float) -> None:
+        self._wakeup.wait(timeout)
+
+    def take(self) -> tuple[list[Command], bool]:
+        """Clear the wake-up, then take the queued commands and whether the engine is closing
+        (in that order, so no wake-up between the two is lost)."""
+        self._wakeup.clear()
+        with self._lock:
+            commands, self._commands = list(self._commands), deque()
+            return commands, self._closed
+
+
+class Job:
+    """Work for the engine thread whose result an asyncio caller awaits in its own loop."""
+
+    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.fn, self.loop = fn, loop
+        self.fut: asyncio.Future[Any] = loop.create_future()
+
+    def __call__(self) -> None:
+        try:
+            result, error = self.fn(), None
+        except Exception as exc:
+            result, error = None, exc
+        self._resolve(result, error)
+
+    def fail(self, error: BaseException) -> None:
+        self._resolve(None, error)
+
+    def _resolve(self, result: Any, error: BaseException | None) -> None:
+        fut = self.fut
+
+        def resolve() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the caller's loop is gone
+            pass

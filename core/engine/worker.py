@@ -1,0 +1,276 @@
+"""Worker: the engine thread's state and the life of each turn (admit, start, end, cancel).
+
+Only the engine thread touches it. Each tick it starts queued turns, pulls new text into the
+active ones, asks the scheduler for a plan and hands the rows to the `Executor`. Every turn ends
+through `end_turn`, which frees its slot, records what the listener heard in the conversation,
+and only then lets the consumer see the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from core.conversation import Conversation, ConversationContext
+from core.engine.config import EngineConfig
+from core.engine.executor import Executor, Work
+from core.engine.gate import Gate, Job
+from core.engine.metrics import Metrics
+from core.engine.runner import ModelRunner, RowWork
+from core.engine.scheduler import plan_step
+from core.engine.slots import SlotTable
+from core.engine.stream import TurnStatus, TurnStream
+from core.engine.turn import TEXT_LEAD, ActiveTurn, Phase
+from core.errors import EngineClosed, MossError, StreamCancelled, StreamFailed
+from core.model import KVPool
+from core.prompt import PromptBuilder
+
+log = logging.getLogger("core.engine")
+T = TypeVar("T")
+IDLE_S = 1.0  # sleep with no turn at all (every input sets the wake-up event anyway)
+
+SPEAK, USER = "speak", "user"
+Item = tuple[str, Any]  # (SPEAK, TurnStream) | (USER, Job)
+
+
+class ConvState:
+    """Engine-thread bookkeeping of one conversation (its context lives in `conv.context`)."""
+
+    __slots__ = ("conv", "queue", "active", "last_turn", "counter", "last_used")
+
+    def __init__(self, conv: Conversation) -> None:
+        self.conv = conv
+        self.queue: deque[Item] = deque()  # FIFO of its turns: user turns and assistant turns
+        self.active: ActiveTurn | None = None
+        self.last_turn: ActiveTurn | None = None  # cancel(played_s) still applies to it
+        self.counter = 0  # frames drawn: the conversation's random stream spans its turns
+        self.last_used = 0.0
+
+
+class Worker:
+    """Turn lifecycle and ticks on the engine thread."""
+
+    def __init__(self, *, config: EngineConfig, gate: Gate, runner: ModelRunner, kv: KVPool,
+                 builder: PromptBuilder, tokenizer: Any, sample_rate: int) -> None:
+        self.config, self.gate, self.runner, self.kv = config, gate, runner, kv
+        self.builder, self.tokenizer, self.sample_rate = builder, tokenizer, sample_rate
+        self.metrics = Metrics()
+        self.slots = SlotTable(config.max_streams)
+        self.convs: dict[int, ConvState] = {}
+        self.active: dict[int, ActiveTurn] = {}  # turn id -> turn
+        self.executor = Executor(self)
+
+    # -- helpers for the executor -------------------------------------------------------------
+    def context(self, turn: ActiveTurn) -> ConversationContext:
+        return self.convs[turn.conv_id].conv.context
+
+    def idle_with_kv(self) -> Iterator[ConvState]:
+        """Conversations without a turn that hold a KV cache, least recently used first."""
+        idle = [cs for cs in self.convs.values()
+                if cs.active is None and cs.conv.context.seq_id is not None]
+        return iter(sorted(idle, key=lambda cs: cs.last_used))
+
+    def per_stream(self, turn: ActiveTurn, fn: Callable[[], T]) -> T | None:
+        """Run per-stream work; an exception fails only that stream."""
+        try:
+            return fn()
+        except Exception as exc:
+            self.fail(turn, exc)
+        return None
+
+    def fail(self, turn: ActiveTurn, exc: Exception) -> None:
+        """End a turn with its error: our own errors as they are, anything else wrapped."""
+        if not isinstance(exc, MossError):
+            failed = StreamFailed(f"turn {turn.stream.turn_id} failed: {exc!r}")
+            failed.__cause__ = exc
+            exc = failed
+        self.end_turn(turn, exc)
+
+    # -- commands (run in order on the engine thread) -----------------------------------------
+    def add_conversation(self, conv: Conversation) -> None:
+        self.convs[conv.conv_id] = ConvState(conv)
+
+    def enqueue(self, conv_id: int, item: Item) -> None:
+        cs = self.convs.get(conv_id)
+        if cs is None:
+            self.reject(item, EngineClosed("this conversation was closed"))
+        else:
+            cs.queue.append(item)
+
+    def reject(self, item: Item, error: BaseException) -> None:
+        kind, payload = item
+        if kind == SPEAK:
+            self.turn_over(payload, error)
+        else:
+            payload.fail(error)
+
+    def cancel(self, stream: TurnStream, played_s: float | None) -> None:
+        """Cancel an active or queued turn, or truncate a finished one (late interruption)."""
+        turn = self.active.get(stream.turn_id)
+        if turn is not None:
+            self.end_turn(turn, None, cancelled=True, played_s=played_s)
+            return
+        for cs in self.convs.values():
+            if (SPEAK, stream) in cs.queue:
+                cs.queue.remove((SPEAK, stream))
+                self.metrics.add("turns_cancelled")
+                self.turn_over(stream, None)
+                return
+            last = cs.last_turn
+            if last is not None and last.stream is stream:
+                heard = last.heard(played_s)
+                ctx = cs.conv.context
+                if heard is None:
+                    ctx.remove_assistant(stream.turn_id)
+                else:
+                    ctx.replace_assistant(stream.turn_id, heard.text, heard.text_ids, heard.frames)
+                cs.conv._publish()
+                return
+
+    def drop_conversation(self, conv_id: int) -> None:
+        cs = self.convs.get(conv_id)
+        if cs is None:
+            return
+        for item in cs.queue:
+            self.reject(item, StreamCancelled("the conversation was closed"))
+        cs.queue.clear()
+        if cs.active is not None:
+            self.end_turn(cs.active, StreamCancelled("the conversation was closed"))
+        del self.convs[conv_id]
+        cs.conv.context.release_kv(self.kv)
+
+    def shutdown(self, pending: list[Callable[[], None]]) -> None:
+        """Engine closing: every waiting stream and job ends with EngineClosed."""
+        for command in pending:
+            if isinstance(command, Job | Enqueue):
+                command.fail(EngineClosed("the engine was closed"))
+        for cs in self.convs.values():
+            for item in cs.queue:
+                self.reject(item, EngineClosed("the engine was closed"))
+            cs.queue.clear()
+        for turn in list(self.active.values()):
+            self.gate.release_turn(turn.stream.turn_id)
+            turn.stream._finish(EngineClosed("the engine was closed"))
+        self.active.clear()
+
+    # -- ticks ----------------------------------------------------------------------------------
+    def tick(self) -> float | None:
+        """One scheduler step; returns how long to sleep (None: run again at once)."""
+        now = time.monotonic()
+        self._admit(now)
+        for turn in list(self.active.values()):
+            self.per_stream(turn, lambda t=turn: t.ingest_text(now))
+            if turn.phase is not Phase.DONE and turn.empty_text:
+                self.end_turn(turn, None)
+        cfg = self.config
+        plan = plan_step([t.demand(sid, now) for sid, t in self.active.items()],
+                         max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
+                         lead_s=cfg.lead_s)
+        if plan.empty:
+            if not self.active and not any(cs.queue for cs in self.convs.values()):
+                return IDLE_S
+            return cfg.idle_wait_s if plan.wake_in_s is None else min(plan.wake_in_s,
+                                                                       cfg.idle_wait_s)
+        work: Work = []
+        for chunk in plan.prefill:
+            turn = self.active[chunk.sid]
+            rows = turn.take_prefill(chunk.rows)
+            slot = turn.lease.index if chunk.samples else None
+            work.append((turn, RowWork(self._seq(turn), rows, slot)))
+        for sid in plan.decode:
+            turn = self.active[sid]
+            row = self.per_stream(turn, turn.step_row)
+            if row is not None:
+                work.append((turn, RowWork(self._seq(turn), row, turn.lease.index)))
+        if work:
+            self.executor.run(work)
+        return None
+
+    def _seq(self, turn: ActiveTurn) -> int:
+        seq = self.context(turn).seq_id
+        assert seq is not None, "an active turn always has a KV sequence"
+        return seq
+
+    # -- turn lifecycle -------------------------------------------------------------------------
+    def _admit(self, now: float) -> None:
+        for cs in self.convs.values():
+            while cs.active is None and cs.queue:
+                kind, item = cs.queue.popleft()
+                if kind == USER:
+                    item()
+                else:
+                    self._start_turn(cs, item, now)
+
+    def _start_turn(self, cs: ConvState, stream: TurnStream, now: float) -> None:
+        if stream.status is not TurnStatus.QUEUED:  # cancelled while queued
+            self.turn_over(stream, None)
+            return
+        cs.last_turn = None
+        lease = self.slots.acquire()
+        assert lease is not None, "admission guarantees a slot per speaking conversation"
+        turn = ActiveTurn(stream, cs.conv.conv_id, lease, builder=self.builder,
+                          tokenizer=self.tokenizer, config=self.config,
+                          sample_rate=self.sample_rate, now=now)
+        self.active[stream.turn_id] = turn
+        cs.active, cs.last_used = turn, now
+        self.metrics.add("turns_started")
+        reserve = TEXT_LEAD + self.config.max_frames_per_turn + 1  # lead, frames, EOS row
+
+        def prepare() -> None:
+            ctx = cs.conv.context
+            turn.queue_rows(ctx.sync_kv(self.kv, ctx.begin_assistant(reserve)))
+            self.runner.start_turn(lease.index, cs.conv.sampling, cs.counter)
+            turn.sampler_started = True
+            stream._set_active()
+
+        self.per_stream(turn, prepare)
+
+    def end_turn(self, turn: ActiveTurn, error: BaseException | None, *,
+                 cancelled: bool = False, played_s: float | None = None) -> None:
+        """Stop a turn (normal end, cancel or failure): free its slot, record what was heard."""
+        if turn.phase is Phase.DONE:
+            return
+        turn.phase = Phase.DONE
+        self.active.pop(turn.stream.turn_id, None)
+        cs = self.convs.get(turn.conv_id)
+        if self.slots.valid(turn.lease):
+            if cs is not None and turn.sampler_started:
+                cs.counter = self.runner.counter(turn.lease.index)
+            self.slots.release(turn.lease)
+        if cs is not None:
+            cs.active, cs.last_used = None, time.monotonic()
+            if error is None:
+                heard = turn.heard(played_s)
+                if heard is not None:
+                    cs.conv.context.add_assistant(turn.stream.turn_id, heard.text,
+                                                  heard.text_ids, heard.frames)
+                cs.last_turn = turn
+            cs.conv._publish()  # also after a failure: the turn may have trimmed old turns
+        name = "turns_cancelled" if cancelled else "turns_failed" if error else "turns_finished"
+        self.metrics.add(name)
+        log.debug("turn %d ended (%s): %d frames, ttfa %s", turn.stream.turn_id, name,
+                  len(turn.frames), turn.stream.ttfa_s)
+        if error is not None:
+            log.info("turn %d failed: %r", turn.stream.turn_id, error)
+        self.turn_over(turn.stream, None if cancelled else error)
+
+    def turn_over(self, stream: TurnStream, error: BaseException | None) -> None:
+        """Release admission before the consumer can see the end (its next speak() fits)."""
+        self.gate.release_turn(stream.turn_id)
+        stream._finish(error)
+
+
+class Enqueue:
+    """Command: put a user turn into its conversation's FIFO (behind turns already queued)."""
+
+    def __init__(self, worker: Worker, conv_id: int, job: Job) -> None:
+        self.worker, self.conv_id, self.job = worker, conv_id, job
+
+    def __call__(self) -> None:
+        self.worker.enqueue(self.conv_id, (USER, self.job))
+
+    def fail(self, error: BaseException) -> None:
+        self.job.fail(error)

@@ -1,0 +1,16 @@
+"""Pipecat plugin for MOSS-TTS-Realtime: `MossTTSService` and its user-turn companion."""
+
+from core.version import __version__
+from moss_pipecat.tts import MossTTSService, MossTTSSettings
+from moss_pipecat.turns import MossUserTurnCapture, PlayoutClock
+
+Settings = MossTTSSettings
+
+__all__ = [
+    "MossTTSService",
+    "MossTTSSettings",
+    "MossUserTurnCapture",
+    "PlayoutClock",
+    "Settings",
+    "__version__",
+]

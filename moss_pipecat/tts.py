@@ -1,0 +1,477 @@
+"""MossTTSService: MOSS-TTS-Realtime as a Pipecat TTS stage that streams LLM tokens and keeps context.
+
+One service per pipeline (per call) owns one engine `Conversation`; the `Engine` is shared by every
+service in the process. Each LLM response (or `TTSSpeakFrame`) is one Pipecat audio context and one
+engine `TurnStream`: `run_tts` hands text to the stream and yields None, a background task appends
+decoded audio (resampled to the pipeline rate) and estimated word times to the context, and
+`flush_audio` ends the turn's text. Interruptions cancel the stream with the played position
+(see `moss_pipecat.turns`) so the conversation keeps only what the listener heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pipecat.audio.resamplers.base_audio_resampler import BaseAudioResampler
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TextAggregationMode, TTSService
+from pipecat.utils.tracing.service_decorators import traced_tts
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+from core import Conversation, Engine, EngineConfig, SamplingParams, Voice, WordTiming
+from core.errors import MossError, StreamCancelled
+from moss_pipecat.engine_turn import EngineTurn, is_cjk
+from moss_pipecat.turns import PlayoutClock, UserTurnQueue, fade_out
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+@dataclass
+class MossTTSSettings(TTSSettings):
+    """Runtime settings of `MossTTSService`; all apply from the next turn.
+
+    Parameters:
+        voice: Path to a reference recording for the voice prompt (a few seconds of clean speech),
+            or None for no voice prompt.
+        temperature: Sampling temperature of the audio tokens; 0 picks the most likely token.
+        top_p: Nucleus sampling mass (0 < top_p <= 1).
+        top_k: Keep only the k most likely tokens (0 = no limit).
+        repetition_penalty: Penalty (>= 1 discourages) for codes repeated in the recent window.
+        seed: Seed of the conversation's random generator (None = random).
+    """
+
+    temperature: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_p: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_k: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    repetition_penalty: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    seed: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+class MossTTSService(TTSService):
+    """MOSS-TTS-Realtime text-to-speech for Pipecat, streaming LLM tokens into the model.
+
+    Example::
+
+        engine = Engine.from_pretrained("OpenMOSS/...", "OpenMOSS/...", device="cuda")
+        tts = MossTTSService(engine=engine, settings=MossTTSService.Settings(voice="me.wav"))
+        pipeline = Pipeline([transport.input(), stt, MossUserTurnCapture(tts), user_agg, llm,
+                             tts, transport.output(), assistant_agg])
+    """
+
+    Settings = MossTTSSettings
+    _settings: MossTTSSettings
+
+    def __init__(
+        self,
+        *,
+        engine: Engine | None = None,
+        model: str | None = None,
+        codec: str | None = None,
+        device: str = "cpu",
+        engine_config: EngineConfig | None = None,
+        settings: MossTTSSettings | None = None,
+        text_aggregation_mode: TextAggregationMode = TextAggregationMode.TOKEN,
+        fade_out_ms: float = 8.0,
+        output_chunk_ms: float = 40.0,
+        **kwargs: Any,
+    ) -> None:
+        """Create the service.
+
+        Args:
+            engine: A shared engine (recommended: one per process, many services).
+            model: Model directory or hub id, used when no engine is given (the service then owns
+                and closes its engine).
+            codec: Codec directory or hub id, with `model`.
+            device: Device for an engine built here.
+            engine_config: Config for an engine built here.
+            settings: Partial settings; unspecified fields take the engine's sampling defaults.
+            text_aggregation_mode: TOKEN (default) streams LLM deltas straight to the model;
+                SENTENCE buffers whole sentences first (adds ~200-300 ms per sentence).
+            fade_out_ms: Length of the fade applied to the last audio on interruption.
+            output_chunk_ms: The output transport's chunk length (`audio_out_10ms_chunks` x 10).
+            **kwargs: Passed to `TTSService` (e.g. `sample_rate`, `text_transforms`).
+        """
+        if (engine is None) == (model is None):
+            raise ValueError("MossTTSService needs exactly one of engine= or model= (+ codec=)")
+        if model is not None and codec is None:
+            raise ValueError("MossTTSService(model=...) also needs codec=")
+        if fade_out_ms < 0 or output_chunk_ms <= 0:
+            raise ValueError("fade_out_ms must be >= 0 and output_chunk_ms > 0")
+        defaults = SamplingParams()
+        store = self.Settings(
+            model=str(model) if model is not None else "MOSS-TTS-Realtime",
+            voice=None,
+            language=None,
+            **{name: getattr(defaults, name) for name in _SAMPLING_FIELDS},
+        )
+        if settings is not None:
+            store.apply_update(settings)
+        _sampling_from(store)  # bad values fail here, at construction
+        if not _voice_file_ok(store.voice):
+            raise ValueError(f"voice file not found: {store.voice}")
+        super().__init__(
+            text_aggregation_mode=text_aggregation_mode,
+            push_text_frames=False,
+            push_start_frame=True,
+            push_stop_frames=False,
+            settings=store,
+            **kwargs,
+        )
+        self._owns_engine = engine is None
+        if engine is None:
+            engine = Engine.from_pretrained(model, codec, device=device, config=engine_config)
+        self._engine: Engine = engine
+        self._conv: Conversation | None = None
+        self._conv_closed = False
+        self._conv_lock = asyncio.Lock()
+        self._applied: tuple[str | None, SamplingParams | None] = (None, None)
+        self._turns: dict[str, EngineTurn] = {}
+        self._latest: EngineTurn | None = None
+        self._users = UserTurnQueue()
+        self._playout = PlayoutClock()
+        self._fade_s = fade_out_ms / 1000.0
+        self._chunk_s = output_chunk_ms / 1000.0
+        self._moss_keepalive: asyncio.Task | None = None
+        self._interrupt_played: dict[str, float] = {}
+
+    # ----- Pipecat hooks -------------------------------------------------------------------
+
+    def can_generate_metrics(self) -> bool:
+        """TTFB (first token to first audio), TTFA and character usage are reported."""
+        return True
+
+    @property
+    def supports_processing_metrics(self) -> bool:
+        """`run_tts` only hands text off, so a processing time would measure nothing."""
+        return False
+
+    @property
+    def engine(self) -> Engine:
+        """The engine this service speaks through."""
+        return self._engine
+
+    @property
+    def conversation(self) -> Conversation | None:
+        """This call's engine conversation (None before the first turn or `StartFrame`)."""
+        return self._conv
+
+    async def start(self, frame: StartFrame) -> None:
+        """Open the conversation (loading the voice) so the first reply has no load delay."""
+        await super().start(frame)
+        if self._moss_keepalive is None:
+            self._moss_keepalive = self.create_task(self._keepalive(), "moss_keepalive")
+        try:
+            await self._prepare_conversation()
+        except (MossError, ValueError, OSError) as e:
+            await self.push_error(error_msg=f"{self}: cannot open conversation: {e}", exception=e)
+
+    async def stop(self, frame: EndFrame) -> None:
+        """Finish playing what is queued, then release the conversation."""
+        await super().stop(frame)
+        await self._shutdown()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        """Stop all GPU work for this call at once."""
+        await super().cancel(frame)
+        await self._shutdown()
+
+    async def cleanup(self) -> None:
+        """Idempotent release: turns, keepalive, conversation and an engine built here."""
+        await super().cleanup()
+        await self._shutdown()
+        if self._owns_engine:
+            self._owns_engine = False
+            self._engine.close()
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Hand `text` to the context's engine turn (opened on first use); audio comes later."""
+        turn = self._turns.get(context_id)
+        if turn is None or turn.ended:
+            turn = self._open_turn(context_id)
+        if not self._is_streaming_tokens and turn.text and not turn.text[-1].isspace():
+            text = " " + text.lstrip()  # sentences arrive without the space between them
+        await self.start_tts_usage_metrics(text)
+        try:
+            turn.push(text)
+        except (MossError, ValueError) as e:
+            await self.push_error(error_msg=f"{self}: text rejected: {e}", exception=e)
+            turn.end()
+        yield None
+
+    async def flush_audio(self, context_id: str | None = None) -> None:
+        """End of the turn's text: the model may now finish the sentence and stop."""
+        context_id = context_id or self.get_active_audio_context_id()
+        turn = self._turns.get(context_id) if context_id else None
+        if turn is not None:
+            try:
+                turn.end()
+            except MossError as e:
+                await self.push_error(error_msg=f"{self}: {e}", exception=e)
+
+    async def on_audio_context_interrupted(self, context_id: str) -> None:
+        """Stop the engine stream within one step, keeping the turn up to the played audio."""
+        await self.stop_all_metrics()
+        turn = self._turns.pop(context_id, None)
+        if turn is not None:
+            played = self._interrupt_played.get(context_id, self._playout.played_s(context_id))
+            await self._cancel_turn(turn, played)
+        await super().on_audio_context_interrupted(context_id)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Track playback, and settle interrupted turns around the base class's handling."""
+        if isinstance(frame, BotStartedSpeakingFrame):
+            self._playout.bot_started()
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._playout.bot_stopped()
+        if not isinstance(frame, InterruptionFrame):
+            await super().process_frame(frame, direction)
+            return
+        # Snapshot before the base class drops the contexts and the transport its queue.
+        self._interrupt_played = {ctx: self._playout.played_s(ctx) for ctx in self._turns}
+        registered = set(self.get_audio_contexts())
+        fade = self._playout.tail(self._fade_s, self._chunk_s) if self._fade_s else None
+        await self._report_interrupted_usage()
+        await super().process_frame(frame, direction)
+        for ctx, turn in list(self._turns.items()):
+            # Fully handed to the transport (the base class no longer knows the context) but not
+            # fully played: cut the finished turn at what was heard.
+            finished = turn.done.is_set() and ctx not in registered
+            if finished and turn.interruptible:
+                played = self._interrupt_played.get(ctx, 0.0)
+                if played < self._playout.pushed_s(ctx) - 1e-3:
+                    turn.cancel(played)
+                del self._turns[ctx]
+        if fade is not None and fade[0] not in self._turns:
+            pad = int(round(self._chunk_s * fade[2]))
+            audio = fade_out(fade[1], pad)
+            await self.push_frame(OutputAudioRawFrame(audio, fade[2], 1), FrameDirection.DOWNSTREAM)
+        self._playout.reset()
+        self._interrupt_played = {}
+
+    async def push_frame(
+        self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
+    ) -> None:
+        """Note every audio frame handed to the transport: the playback clock's timeline."""
+        await super().push_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
+            if frame.context_id:
+                self._playout.pushed(frame.context_id, frame.audio, frame.sample_rate)
+                turn = self._turns.get(frame.context_id)
+                if turn is not None:
+                    turn.interruptible = frame.interruptible
+
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
+        """Validate (rolling back bad sampling values); turns opened from now on use the result."""
+        previous = {name: getattr(self._settings, name) for name in (*_SAMPLING_FIELDS, "voice")}
+        changed = await super()._update_settings(delta)
+        voice = self._settings.voice
+        if "voice" in changed and not _voice_file_ok(voice):
+            self._settings.voice = previous["voice"]
+            await self.push_error(error_msg=f"{self}: voice file not found: {voice}")
+        if changed.keys() & set(_SAMPLING_FIELDS):
+            try:
+                _sampling_from(self._settings)
+            except (TypeError, ValueError) as e:
+                for name in _SAMPLING_FIELDS:
+                    setattr(self._settings, name, previous[name])
+                await self.push_error(error_msg=f"{self}: bad sampling settings: {e}", exception=e)
+        self._warn_unhandled_updated_settings(changed.keys() & {"model"})
+        return changed
+
+    # ----- user turns (fed by MossUserTurnCapture) -----------------------------------------
+
+    def stage_user_text(self, text: str) -> None:
+        """Add words the user said; they go into the conversation before the next reply."""
+        self._users.add_text(text)
+
+    def stage_user_audio(self, audio: np.ndarray, sample_rate: int) -> None:
+        """Add the user's speech (float32 mono); encoded by the engine with the user's words."""
+        self._users.add_audio(audio, sample_rate)
+
+    async def on_turn_context_created(self, context_id: str) -> None:
+        """A reply starts: what the user said so far goes before it (its engine turn may open a
+        little later, when more of the user's next turn may already be staged)."""
+        await super().on_turn_context_created(context_id)
+        self._users.reply_started(context_id)
+
+    async def _commit_user_turn(self, conv: Conversation, seq: int) -> None:
+        user = self._users.take(seq)
+        if user is None:
+            return
+        try:
+            await conv.add_user_turn(text=user.text, audio=user.audio, sample_rate=user.rate)
+        except (MossError, ValueError) as e:
+            await self.push_error(error_msg=f"{self}: user turn dropped: {e}", exception=e)
+
+    # ----- engine turns --------------------------------------------------------------------
+
+    def _open_turn(self, context_id: str) -> EngineTurn:
+        turn = EngineTurn(
+            context_id=context_id,
+            seq=self._users.reply_seq(context_id),
+            previous=self._latest,
+            voice=self._settings.voice,
+            sampling=_sampling_from(self._settings),
+        )
+        self._turns[context_id] = turn
+        self._latest = turn
+        turn.task = self.create_task(self._run_turn(turn), f"moss_turn_{context_id[:8]}")
+        return turn
+
+    async def _run_turn(self, turn: EngineTurn) -> None:
+        """Open the engine turn after the previous one, then deliver its audio as decoded."""
+        ctx = turn.context_id
+        resampler = create_stream_resampler(clear_after_secs=None)
+        try:
+            if turn.previous is not None:
+                await turn.previous.done.wait()
+                turn.previous = None  # let finished turns be collected
+            conv = await self._prepare_conversation(turn)
+            await self._commit_user_turn(conv, turn.seq)
+            async with conv.speak() as stream:
+                turn.attach(stream)
+                self._settle_older_turns(turn)
+                async for chunk in stream:
+                    await self._deliver(ctx, chunk.pcm, chunk.sample_rate, chunk.words, resampler)
+            tail = await resampler.flush()
+            if tail:
+                await self._deliver(ctx, tail, self.sample_rate, (), resampler)
+        except StreamCancelled:
+            pass
+        except (MossError, ValueError, OSError) as e:
+            await self.push_error(error_msg=f"{self}: turn failed: {e}", exception=e)
+        finally:
+            turn.done.set()
+        if not turn.cancelled and self.audio_context_available(ctx):
+            await self.append_to_audio_context(ctx, TTSStoppedFrame(context_id=ctx))
+            await self.remove_audio_context(ctx)
+
+    async def _deliver(
+        self,
+        ctx: str,
+        pcm: bytes,
+        rate: int,
+        words: Iterable[WordTiming],
+        resampler: BaseAudioResampler,
+    ) -> None:
+        """Audio at the pipeline rate into the reply's context, then its words' start times."""
+        if rate != self.sample_rate:
+            pcm = await resampler.resample(pcm, rate, self.sample_rate)
+        if pcm:
+            frame = TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=ctx)
+            await self.append_to_audio_context(ctx, frame)
+        for w in words:
+            word = w.word.strip()
+            if word:
+                cjk = True if is_cjk(word) else None
+                await self.add_word_timestamps([(word, w.start_s)], ctx, cjk)
+
+    def _settle_older_turns(self, current: EngineTurn) -> None:
+        """Once a turn has started, earlier turns can no longer be cut: forget them."""
+        for ctx, turn in list(self._turns.items()):
+            if turn is not current and turn.done.is_set():
+                del self._turns[ctx]
+
+    async def _cancel_turn(self, turn: EngineTurn, played_s: float) -> None:
+        turn.cancel(played_s)
+        if turn.task is not None and not turn.task.done():
+            await self.cancel_task(turn.task)
+        turn.done.set()
+
+    async def _report_interrupted_usage(self) -> None:
+        """In TOKEN mode the base class reports usage at the end of the reply and loses it on
+        interruption (pipecat #5611); report the interrupted reply's characters here."""
+        if not self._is_streaming_tokens:
+            return
+        for turn in self._turns.values():
+            if not turn.ended and turn.text:
+                await super(TTSService, self).start_tts_usage_metrics(turn.text)
+
+    async def _keepalive(self) -> None:
+        """Keep contexts of unfinished turns open while the LLM pauses (e.g. tool calls)."""
+        interval = max(0.05, min(1.0, self._stop_frame_timeout_s / 3))
+        while True:
+            await asyncio.sleep(interval)
+            for ctx, turn in list(self._turns.items()):
+                if not turn.done.is_set() and self.audio_context_available(ctx):
+                    self._refresh_audio_context(ctx)
+
+    # ----- conversation --------------------------------------------------------------------
+
+    async def _prepare_conversation(self, turn: EngineTurn | None = None) -> Conversation:
+        """Open the conversation once; before a turn, apply the voice / sampling it was opened
+        with (settings changed after a turn was opened wait for the next one)."""
+        voice = self._settings.voice if turn is None else turn.voice
+        sampling = _sampling_from(self._settings) if turn is None else turn.sampling
+        async with self._conv_lock:
+            if self._conv_closed:
+                raise MossError(f"{self} was stopped; its conversation is closed")
+            if self._conv is None:
+                self._conv = self._engine.conversation(
+                    voice=await self._load_voice(voice), sampling=sampling
+                )
+                self._applied = (voice, sampling)
+                return self._conv
+            if voice != self._applied[0]:
+                self._conv.set_voice(await self._load_voice(voice))
+            if sampling != self._applied[1]:
+                applied = sampling
+                if sampling.seed is None:  # keep the conversation's own random stream
+                    applied = dataclasses.replace(sampling, seed=self._conv.sampling.seed)
+                self._conv.sampling = applied  # read by the engine when the next turn starts
+            self._applied = (voice, sampling)
+            return self._conv
+
+    async def _load_voice(self, voice: str | None) -> Voice | None:
+        """The engine voice for a settings value; a file that cannot be used is reported and the
+        call goes on without a voice prompt rather than going silent."""
+        if voice is None:
+            return None
+        try:
+            return await self._engine.load_voice(str(voice))
+        except (MossError, ValueError, OSError) as e:
+            await self.push_error(error_msg=f"{self}: voice {voice!r} unusable: {e}", exception=e)
+            return None
+
+    async def _shutdown(self) -> None:
+        for turn in list(self._turns.values()):
+            if not turn.done.is_set():  # finished turns keep what they said
+                await self._cancel_turn(turn, self._playout.played_s(turn.context_id))
+        self._turns.clear()
+        if self._moss_keepalive is not None:
+            await self.cancel_task(self._moss_keepalive)
+            self._moss_keepalive = None
+        if self._conv is not None and not self._conv_closed:
+            self._conv_closed = True  # the object stays readable (history) after the call
+            await self._conv.aclose()
+
+
+def _voice_file_ok(voice: Any) -> bool:
+    """A voice setting is None (no voice prompt) or an existing file."""
+    return voice is None or Path(str(voice)).is_file()
+
+
+def _sampling_from(settings: MossTTSSettings) -> SamplingParams:
+    """The engine's sampling parameters from complete settings (ValueError names a bad value)."""
+    return SamplingParams(**{name: getattr(settings, name) for name in _SAMPLING_FIELDS})

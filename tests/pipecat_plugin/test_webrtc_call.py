@@ -1,0 +1,81 @@
+"""A real WebRTC call on loopback: the example bot, and an aiortc client that listens to it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import aioice.ice
+import numpy as np
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from moss_pc_support import load_example, serve, wait_for
+
+
+async def test_webrtc_call_receives_the_greeting(engine, monkeypatch) -> None:
+    """A browser-like peer must hear the bot's greeting: a connected call, an audio track with
+    non-silent audio as long as the reply the bot generated (no cuts, no stall)."""
+    bot = load_example("pipecat_webrtc_bot")
+    # aioice leaves loopback out of its candidates; this machine may have nothing else.
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda *_a, **_k: ["127.0.0.1"])
+    app = bot.create_app(engine, audio_in=False)  # receive-only client: no bot audio input
+    server, server_task, port = await serve(app)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    received: list[np.ndarray] = []
+    reader: asyncio.Task | None = None
+
+    async def read(track) -> None:
+        while True:
+            frame = await track.recv()
+            pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0]
+            received.append(pcm.astype(np.float32) / 32768.0)
+
+    @pc.on("track")
+    def on_track(track) -> None:
+        nonlocal reader
+        if track.kind == "audio":
+            reader = asyncio.ensure_future(read(track))
+
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.createDataChannel("rtvi")  # the bot's RTVI messages go here, as with a browser
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+            async with http.post(f"http://127.0.0.1:{port}/api/offer", json=offer) as r:
+                assert r.status == 200
+                answer = await r.json()
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        await wait_for(lambda: pc.connectionState == "connected", limit_s=15)
+        tts = app.state.services[0]
+        await wait_for(lambda: _reply_seconds(tts) is not None, limit_s=30)
+        expected = _reply_seconds(tts)
+        # Everything generated has to arrive, at real time, plus a little transport latency.
+        await wait_for(lambda: _voiced_seconds(received) >= expected - 0.1, limit_s=expected + 10)
+        settled = len(received) + 25  # 0.5 s more: a duplicated or looping reply would show
+        await wait_for(lambda: len(received) >= settled, limit_s=5)
+        voiced = _voiced_seconds(received)
+    finally:
+        if reader is not None:
+            reader.cancel()
+        await pc.close()
+        server.should_exit = True
+        await server_task
+    assert expected > 0.3
+    assert voiced == pytest.approx(expected, abs=0.25 + 0.1 * expected)
+
+
+def _reply_seconds(tts) -> float | None:
+    """Length of the greeting as the engine kept it (None until generated)."""
+    turns = tts.conversation.turns if tts.conversation is not None else ()
+    return turns[0].frames * 0.08 if turns else None
+
+
+def _voiced_seconds(chunks: list[np.ndarray], frame_s: float = 0.02) -> float:
+    """Seconds of received 48 kHz audio whose 20 ms frames are not silence."""
+    if not chunks:
+        return 0.0
+    pcm = np.concatenate(chunks)
+    n = int(48000 * frame_s)
+    frames = pcm[: len(pcm) // n * n].reshape(-1, n)
+    return float((np.sqrt((frames**2).mean(axis=1)) > 1e-3).sum() * frame_s)
