@@ -14,12 +14,15 @@ difference and only the rest is prefilled. This one rule covers every case:
 - after the KV was evicted (idle conversation, pool full): everything is prefilled again.
 
 The system+voice prefix rows are built once per voice (`PrefixCache`) and, inside a conversation,
-stay in the cache across turns, trims and rebuilds.
+stay in the cache across turns, trims and rebuilds. Their KV is computed once per voice too: when
+a conversation's cache lacks its prefix (new conversation, eviction, voice change) the engine
+passes a prefilled prefix sequence to `sync_kv`, which forks it instead of prefilling it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -79,12 +82,24 @@ def _no_frames(builder: PromptBuilder) -> Tensor:
     return torch.zeros(0, getattr(builder, "rvq", 16), dtype=torch.long)
 
 
-class PrefixCache:
-    """System + voice-block rows, built once per voice (key: the voice's content hash)."""
+class PrefixSource(Protocol):
+    """A pool sequence whose first rows are `rows` (the engine's prefix KV of one voice)."""
 
-    def __init__(self, builder: PromptBuilder) -> None:
+    rows: Tensor
+    seq_id: int
+
+
+class PrefixCache:
+    """System + voice-block rows, built once per voice (key: the voice's content hash).
+
+    Bounded (least recently used voices go first) so a long-running server that sees many
+    voices does not grow without end; conversations keep their own reference to the rows.
+    """
+
+    def __init__(self, builder: PromptBuilder, max_voices: int = 1024) -> None:
         self._builder = builder
-        self._rows: dict[str | None, Tensor] = {}
+        self._rows: OrderedDict[str | None, Tensor] = OrderedDict()
+        self._max_voices = max_voices
         self._lock = threading.Lock()
 
     def system_len(self) -> int:
@@ -98,6 +113,9 @@ class PrefixCache:
                 if voice is not None:
                     parts.append(self._builder.voice_rows(voice.codes))
                 self._rows[key] = torch.cat(parts)
+                while len(self._rows) > max(1, self._max_voices):
+                    self._rows.popitem(last=False)
+            self._rows.move_to_end(key)
             return self._rows[key]
 
 
@@ -216,8 +234,35 @@ class ConversationContext:
         return torch.cat([self.history_rows(), head])
 
     # -- KV bookkeeping (the engine feeds rows; the context remembers which) ------------------
-    def sync_kv(self, pool: KVPool, target: Tensor) -> Tensor:
-        """Cut the KV cache at its first difference with `target`; return the rows to prefill."""
+    def prefix_len(self) -> int:
+        """Rows of the system+voice prefix of the current voice."""
+        return int(self.prefixes.rows(self.voice).shape[0])
+
+    def holds_prefix(self, target: Tensor, length: int) -> bool:
+        """True when the KV cache already holds the first `length` rows of `target`."""
+        if self.seq_id is None or self.kv_len < length:
+            return False
+        return common_prefix_len(torch.cat(self._kv_rows)[:length], target[:length]) == length
+
+    def sync_kv(self, pool: KVPool, target: Tensor, prefix: PrefixSource | None = None) -> Tensor:
+        """Cut the KV cache at its first difference with `target`; return the rows to prefill.
+
+        With a `prefix` whose rows start `target` and that covers more than the cache keeps,
+        the cache becomes a fork of it (its rows are not computed again).
+        """
+        if prefix is not None:
+            n = int(prefix.rows.shape[0])
+            if n <= target.shape[0] and not self.holds_prefix(target, n) and bool(
+                (prefix.rows == target[:n]).all()
+            ):
+                try:
+                    seq = pool.fork(prefix.seq_id, n)
+                except ContextOverflowError:  # no block for the copy: prefill as usual
+                    pass
+                else:
+                    self.release_kv(pool)
+                    self.seq_id, self._kv_rows, self.kv_len = seq, [target[:n]], n
+                    return target[n:]
         if self.seq_id is None:
             self.seq_id = pool.new_sequence()
             self._kv_rows, self.kv_len = [], 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -43,14 +44,17 @@ def resolve_pretrained(
         )
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(offline?): download it first, e.g. `huggingface-cli download {name}`"
+            f"{name!r} is not a local directory, and as a hub id it is not in the local Hugging "
+            f"Face cache while the hub cannot be reached (offline?): download it first, e.g. "
+            f"`huggingface-cli download {name}`"
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot fetch {name!r} from the hub: {exc}") from exc
+        raise CheckpointError(
+            f"{name!r} is not a local directory, and fetching it as a hub id failed: {exc}"
+        ) from exc
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, naming the file in the error when it is absent or malformed."""
     if not path.is_file():
         raise CheckpointError(f"missing {path.name} in {path.parent}")

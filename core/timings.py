@@ -295,7 +295,9 @@ class WordTimingEstimator:
                 break  # held back until the audio is past it even if speech is slower
             end = min(end, self.audio_s)
             timing = WordTiming(word.text, min(start, end), end)
-            assert not self._released or timing.start_s >= self._released[-1].end_s - 1e-9
+            assert not self._released or timing.start_s >= self._released[-1].end_s - 1e-9, (
+                f"word timings went backwards: {timing} after {self._released[-1]}"
+            )
             self._released.append(timing)
             out.append(timing)
         if out:

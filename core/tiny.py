@@ -1,8 +1,9 @@
 """Tiny random checkpoints in the official on-disk layout, for tests, CI and offline demos.
 
 `python -m core.tiny OUTDIR` writes `OUTDIR/model` (config.json, model.safetensors, tokenizer files)
-and `OUTDIR/codec` (config.json, model.safetensors). Each component has its own seed offset, so
-changing one never changes another. These weights are random: they exercise every code path
+and `OUTDIR/codec` (config.json, model.safetensors). The model and the codec each draw from their
+own generator (seed + their offset) and the tokenizer is trained without randomness, so changing
+one component never changes another. These weights are random: they exercise every code path
 (stop logic included) but do not speak.
 """
 
@@ -11,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-TOKENIZER_SEED_OFFSET = 0
+if TYPE_CHECKING:  # torch is imported lazily: `import core.tiny` stays light
+    import torch
+
 MODEL_SEED_OFFSET = 1
 CODEC_SEED_OFFSET = 2
 
@@ -146,7 +150,7 @@ _TINY_PAD_FLAG = 4.0  # channel-0 value of the <|text_pad|> embedding
 _TINY_EOS_GAIN = 2.0  # head 0's EOS row weight on channel 0
 
 
-def _tiny_model_tensors(config: dict, seed: int) -> dict:  # -> dict[str, torch.Tensor]
+def _tiny_model_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
     import torch
 
     from core.model.config import ModelConfig
@@ -169,7 +173,8 @@ def _tiny_model_tensors(config: dict, seed: int) -> dict:  # -> dict[str, torch.
         out[name] = t
     out["embed_tokens.0.weight"][cfg.text_pad_id, 0] = _TINY_PAD_FLAG
     for j in range(cfg.rvq):
-        audio, head = out[f"embed_tokens.{j + 1}.weight"], out[f"local_transformer.local_lm_heads.{j}.weight"]
+        audio = out[f"embed_tokens.{j + 1}.weight"]
+        head = out[f"local_transformer.local_lm_heads.{j}.weight"]
         audio[cfg.audio_pad_code] = 0.0
         head[cfg.audio_pad_code] = 0.0
         head[cfg.audio_bos_code] = 0.0
@@ -284,7 +289,9 @@ def _tiny_codec_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def _tiny_codec_tensor(name: str, shape: tuple[int, ...], gen):  # -> torch.Tensor
+def _tiny_codec_tensor(
+    name: str, shape: tuple[int, ...], gen: torch.Generator
+) -> torch.Tensor:
     """Random values with sane scales: unit-ish activations so every stage matters."""
     import torch
 

@@ -7,6 +7,7 @@ and their tests run with no network and no API keys.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import tempfile
@@ -66,7 +67,7 @@ class ScriptedLLM(FrameProcessor):
         tokens_per_s: Streaming rate of the deltas (a typical LLM runs at 30-100).
     """
 
-    def __init__(self, replies: Sequence[str], *, tokens_per_s: float = 40.0, **kwargs) -> None:
+    def __init__(self, replies: Sequence[str], *, tokens_per_s: float = 40.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not replies:
             raise ValueError("ScriptedLLM needs at least one reply")
@@ -219,3 +220,29 @@ def build_voice_worker(
         await worker.cancel()
 
     return worker, tts
+
+
+def bot_arg_parser(description: str, *, port: int) -> argparse.ArgumentParser:
+    """The command line both voice bots share (engine, voice, services, where to listen)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--model", help="model directory or hub id (default: tiny weights)")
+    parser.add_argument("--codec", help="codec directory or hub id (with --model)")
+    parser.add_argument("--voice", help="reference recording for the voice prompt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
+    parser.add_argument("--stt", choices=["none", "openai", "deepgram"], default="none")
+    return parser
+
+
+def serve_bot(create_app: Callable[..., Any], args: argparse.Namespace) -> None:
+    """Load the engine once, serve the bot's app until stopped, then close the engine."""
+    import uvicorn
+
+    engine = open_engine(args.model, args.codec, device=args.device)
+    try:
+        app = create_app(engine, voice=args.voice, llm=args.llm, stt=args.stt)
+        uvicorn.run(app, host=args.host, port=args.port)
+    finally:
+        engine.close()

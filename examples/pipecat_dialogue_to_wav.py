@@ -18,6 +18,7 @@ import sys
 import time
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pipecat.frames.frames import (
@@ -54,7 +55,7 @@ SAMPLE_RATE = 24000
 class WavTurns(FrameProcessor):
     """Collects each reply's audio (by context id) and signals the end of every reply."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.turns: list[bytes] = []
         self._current: dict[str, bytearray] = {}

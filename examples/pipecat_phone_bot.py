@@ -16,7 +16,6 @@ just closes the websocket (which is what the tests and local clients use).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from pipecat.transports.websocket.fastapi import (
 from pipecat.workers.runner import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pipecat_common import build_voice_worker, open_engine  # noqa: E402
+from _pipecat_common import bot_arg_parser, build_voice_worker, serve_bot  # noqa: E402
 
 from core import Engine  # noqa: E402
 
@@ -61,7 +60,7 @@ def make_serializer(stream_sid: str, call_sid: str | None) -> TwilioFrameSeriali
 def create_app(engine: Engine, **bot_options: Any) -> FastAPI:
     """`POST /twiml` for Twilio's webhook and `/ws` for the media stream, one bot per call.
 
-    `app.state.services` lists each call's `MossTTSService` (for a status page or tests).
+    `app.state.services` lists the `MossTTSService` of each call in progress (status, tests).
     """
     app = FastAPI()
     app.state.services = []
@@ -98,30 +97,13 @@ def create_app(engine: Engine, **bot_options: Any) -> FastAPI:
             await runner.run()
         finally:
             await worker.cancel()  # WorkerRunner.run() swallows cancellation: end it for sure
+            app.state.services.remove(tts)  # a long-running server must not keep old calls
 
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--model", help="model directory or hub id (default: tiny weights)")
-    parser.add_argument("--codec", help="codec directory or hub id (with --model)")
-    parser.add_argument("--voice", help="reference recording for the voice prompt")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
-    parser.add_argument("--stt", choices=["none", "openai", "deepgram"], default="none")
-    args = parser.parse_args(argv)
-
-    import uvicorn
-
-    engine = open_engine(args.model, args.codec, device=args.device)
-    try:
-        app = create_app(engine, voice=args.voice, llm=args.llm, stt=args.stt)
-        uvicorn.run(app, host=args.host, port=args.port)
-    finally:
-        engine.close()
+    serve_bot(create_app, bot_arg_parser(__doc__.splitlines()[0], port=8765).parse_args(argv))
 
 
 if __name__ == "__main__":

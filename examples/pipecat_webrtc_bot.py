@@ -15,7 +15,6 @@ DEEPGRAM_API_KEY; deepgram needs `pip install "pipecat-ai[deepgram]"`) make it a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pipecat_common import build_voice_worker, open_engine  # noqa: E402
+from _pipecat_common import bot_arg_parser, build_voice_worker, serve_bot  # noqa: E402
 
 from core import Engine  # noqa: E402
 from moss_pipecat import MossTTSService  # noqa: E402
@@ -67,7 +66,7 @@ def build_bot(
 def create_app(engine: Engine, **bot_options: Any) -> FastAPI:
     """The HTTP side: the page, and `POST /api/offer` that starts one bot per connection.
 
-    `app.state.services` lists each call's `MossTTSService` (for a status page or tests).
+    `app.state.services` lists the `MossTTSService` of each call in progress (status, tests).
     """
     handler = SmallWebRTCRequestHandler()
     bots: set[asyncio.Task] = set()
@@ -94,6 +93,7 @@ def create_app(engine: Engine, **bot_options: Any) -> FastAPI:
         finally:
             watchdog.cancel()
             await worker.cancel()  # WorkerRunner.run() swallows cancellation: end it for sure
+            app.state.services.remove(tts)  # a long-running server must not keep old calls
 
     async def on_connection(connection: SmallWebRTCConnection) -> None:
         task = asyncio.create_task(run_bot(connection))
@@ -160,29 +160,13 @@ document.getElementById("stop").onclick = () => { pc.close(); state("closed");
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--model", help="model directory or hub id (default: tiny weights)")
-    parser.add_argument("--codec", help="codec directory or hub id (with --model)")
-    parser.add_argument("--voice", help="reference recording for the voice prompt")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
-    parser.add_argument("--stt", choices=["none", "openai", "deepgram"], default="none")
+    parser = bot_arg_parser(__doc__.splitlines()[0], port=7860)
     parser.add_argument("--loopback-only", action="store_true",
                         help="offer only 127.0.0.1 ICE candidates (machines with only `lo`)")
     args = parser.parse_args(argv)
-
-    import uvicorn
-
     if args.loopback_only:
         restrict_ice_to_loopback()
-    engine = open_engine(args.model, args.codec, device=args.device)
-    try:
-        app = create_app(engine, voice=args.voice, llm=args.llm, stt=args.stt)
-        uvicorn.run(app, host=args.host, port=args.port)
-    finally:
-        engine.close()
+    serve_bot(create_app, args)
 
 
 if __name__ == "__main__":

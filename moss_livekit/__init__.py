@@ -10,7 +10,7 @@ import os
 
 from livekit.agents import Plugin
 
-from core.version import __version__
+from core import __version__
 
 from .engine import (
     DEFAULT_CODEC,

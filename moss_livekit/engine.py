@@ -103,11 +103,11 @@ def prewarm(
 
 def engine_occupancy(engine: Engine) -> float:
     """Fraction of the engine's capacity in use: the fuller of rooms and speaking turns."""
-    stats = engine.stats()
-    config = engine.config
-    convs = _stat(stats, "conversations", "active_conversations", "open_conversations")
-    streams = _stat(stats, "active_streams", "streams", "active")
-    return max(convs / config.max_conversations, streams / config.max_streams)
+    stats, config = engine.stats(), engine.config
+    return max(
+        stats.conversations / config.max_conversations,
+        stats.active_streams / config.max_streams,
+    )
 
 
 def load_fnc() -> float:
@@ -119,11 +119,3 @@ def load_fnc() -> float:
     with _lock:
         engines = list(_engines.values())
     return max((min(engine_occupancy(e), 1.0) for e in engines), default=0.0)
-
-
-def _stat(stats: Any, *names: str) -> float:
-    for name in names:
-        value = stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return 0.0

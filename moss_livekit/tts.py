@@ -229,6 +229,9 @@ class TTS(tts.TTS):
 
 
 def _check_voice(voice: Any) -> VoiceSource | None:
+    """Fail at configuration time, not at the first reply of a live call."""
+    if isinstance(voice, (str, Path)) and not Path(voice).expanduser().is_file():
+        raise ValueError(f"voice file not found: {voice}")
     if voice is None or isinstance(voice, (Voice, str, Path, bytes, np.ndarray)):
         return voice
     raise TypeError(f"voice must be a Voice, a path, bytes, an array or None, got {voice!r}")
@@ -359,6 +362,21 @@ def _new_job(tts_: TTS, conn_options: APIConnectOptions) -> _TurnJob:
     )
 
 
+def _start_attempt(job: _TurnJob, emitter: tts.AudioEmitter, *, stream: bool) -> _TurnJob:
+    """A fresh request id per attempt (LiveKit retries with a new emitter), emitter set up for
+    24 kHz mono PCM."""
+    job = replace(job, request_id=utils.shortuuid())
+    emitter.initialize(
+        request_id=job.request_id,
+        sample_rate=SAMPLE_RATE,
+        num_channels=NUM_CHANNELS,
+        mime_type="audio/pcm",
+        frame_size_ms=job.opts.frame_size_ms,
+        stream=stream,
+    )
+    return job
+
+
 class SynthesizeStream(tts.SynthesizeStream):
     """One reply segment: LiveKit's text deltas in, one engine turn, audio out as decoded."""
 
@@ -367,15 +385,7 @@ class SynthesizeStream(tts.SynthesizeStream):
         self._job = _new_job(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        job = replace(self._job, request_id=utils.shortuuid())  # a retry is a new request
-        output_emitter.initialize(
-            request_id=job.request_id,
-            sample_rate=SAMPLE_RATE,
-            num_channels=NUM_CHANNELS,
-            mime_type="audio/pcm",
-            frame_size_ms=job.opts.frame_size_ms,
-            stream=True,
-        )
+        job = _start_attempt(self._job, output_emitter, stream=True)
         output_emitter.start_segment(segment_id=job.request_id)
         await _speak(job, self._deltas(), output_emitter, self._mark_started)
         output_emitter.end_segment()
@@ -397,14 +407,7 @@ class ChunkedStream(tts.ChunkedStream):
         self._job = _new_job(tts, conn_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        job = replace(self._job, request_id=utils.shortuuid())
-        output_emitter.initialize(
-            request_id=job.request_id,
-            sample_rate=SAMPLE_RATE,
-            num_channels=NUM_CHANNELS,
-            mime_type="audio/pcm",
-            frame_size_ms=job.opts.frame_size_ms,
-        )
+        job = _start_attempt(self._job, output_emitter, stream=False)
         await _speak(job, _once(self._input_text), output_emitter, lambda: None)
 
 

@@ -1,6 +1,6 @@
 """Pipecat plugin for MOSS-TTS-Realtime: `MossTTSService` and its user-turn companion."""
 
-from core.version import __version__
+from core import __version__
 from moss_pipecat.tts import MossTTSService, MossTTSSettings
 from moss_pipecat.turns import MossUserTurnCapture, PlayoutClock
 

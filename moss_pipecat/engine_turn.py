@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from core import SamplingParams, TurnStream
-from core.errors import MossError
+from core.errors import MossError, TextTooLongError
 
 
 @dataclass(eq=False)
@@ -21,9 +21,11 @@ class EngineTurn:
     previous: EngineTurn | None
     voice: str | None  # the voice setting this turn speaks with
     sampling: SamplingParams
+    max_chars: int  # the engine's per-turn text limit
     pending: list[str] = field(default_factory=list)
     text: str = ""
     ended: bool = False
+    truncated: bool = False  # text went over the limit: the rest of this reply is dropped
     cancelled: bool = False
     played_s: float | None = None  # where the turn was cut, when it was
     interruptible: bool = True
@@ -32,13 +34,26 @@ class EngineTurn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, text: str) -> None:
+        """Queue `text` for the turn. Over the engine's limit the turn keeps what it has, ends
+        its text, and drops the rest of the reply (TextTooLongError is raised once), the same
+        whether or not the engine turn is open yet."""
+        if self.truncated:
+            return
+        if len(self.text) + len(text) > self.max_chars:
+            self.truncated = True
+            self.end()
+            raise TextTooLongError(
+                f"reply text would be {len(self.text) + len(text)} characters, more than "
+                f"max_text_chars={self.max_chars}; the rest of the reply is not spoken"
+            )
         if self.stream is not None:
-            self.stream.push_text(text)  # may refuse it (too long): then it is not kept
+            self.stream.push_text(text)
         else:
             self.pending.append(text)
         self.text += text
 
     def end(self) -> None:
+        """End of the reply's text (idempotent); the engine may now finish the last sentence."""
         if self.ended:
             return
         self.ended = True
@@ -46,6 +61,7 @@ class EngineTurn:
             self.stream.end_text()
 
     def attach(self, stream: TurnStream) -> None:
+        """The engine turn opened: hand it the text that arrived while it was queued."""
         self.stream = stream
         for text in self.pending:
             stream.push_text(text)
@@ -54,6 +70,7 @@ class EngineTurn:
             stream.end_text()
 
     def cancel(self, played_s: float) -> None:
+        """Stop generating; the conversation keeps the first `played_s` seconds (what was heard)."""
         self.cancelled, self.played_s = True, played_s
         if self.stream is not None:
             try:

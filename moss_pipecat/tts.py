@@ -186,7 +186,14 @@ class MossTTSService(TTSService):
             await self.push_error(error_msg=f"{self}: cannot open conversation: {e}", exception=e)
 
     async def stop(self, frame: EndFrame) -> None:
-        """Finish playing what is queued, then release the conversation."""
+        """Finish playing what is queued, then release the conversation.
+
+        No text follows an `EndFrame`, so a reply still open (its LLM response never ended)
+        gets its text ended here; otherwise its audio context, kept alive for LLM pauses,
+        would hold the shutdown until the engine's text timeout.
+        """
+        for turn in list(self._turns.values()):
+            turn.end()
         await super().stop(frame)
         await self._shutdown()
 
@@ -207,7 +214,7 @@ class MossTTSService(TTSService):
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         """Hand `text` to the context's engine turn (opened on first use); audio comes later."""
         turn = self._turns.get(context_id)
-        if turn is None or turn.ended:
+        if turn is None or (turn.ended and not turn.truncated):
             turn = self._open_turn(context_id)
         if not self._is_streaming_tokens and turn.text and not turn.text[-1].isspace():
             text = " " + text.lstrip()  # sentences arrive without the space between them
@@ -216,7 +223,6 @@ class MossTTSService(TTSService):
             turn.push(text)
         except (MossError, ValueError) as e:
             await self.push_error(error_msg=f"{self}: text rejected: {e}", exception=e)
-            turn.end()
         yield None
 
     async def flush_audio(self, context_id: str | None = None) -> None:
@@ -333,6 +339,7 @@ class MossTTSService(TTSService):
             previous=self._latest,
             voice=self._settings.voice,
             sampling=_sampling_from(self._settings),
+            max_chars=self._engine.config.max_text_chars,
         )
         self._turns[context_id] = turn
         self._latest = turn
@@ -359,7 +366,7 @@ class MossTTSService(TTSService):
                 await self._deliver(ctx, tail, self.sample_rate, (), resampler)
         except StreamCancelled:
             pass
-        except (MossError, ValueError, OSError) as e:
+        except Exception as e:  # any failure of this turn is the call's error, not a dead task
             await self.push_error(error_msg=f"{self}: turn failed: {e}", exception=e)
         finally:
             turn.done.set()

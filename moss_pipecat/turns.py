@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pipecat.frames.frames import (
@@ -200,10 +200,12 @@ class UserTurnQueue:
         self._reply_seq: dict[str, int] = {}
 
     def add_text(self, text: str) -> None:
+        """Stage a final transcript of the user (blank ones carry nothing)."""
         if text.strip():
             self._staged.texts.append(text.strip())
 
     def add_audio(self, audio: np.ndarray, sample_rate: int) -> None:
+        """Stage the user's speech (float32 mono); the engine resamples and encodes it."""
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         if self._staged.audio and sample_rate != self._staged.rate:
@@ -262,7 +264,7 @@ class MossUserTurnCapture(FrameProcessor):
         capture_audio: bool = False,
         pre_roll_s: float = 0.3,
         max_audio_s: float = 30.0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if pre_roll_s < 0 or max_audio_s <= 0:

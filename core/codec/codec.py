@@ -23,6 +23,7 @@ from core.errors import CheckpointError
 from core.hub import load_safetensors, read_json, resolve_pretrained
 
 _MAX_LISTED = 8
+_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def _stages(specs: tuple) -> nn.ModuleList:
@@ -62,7 +63,12 @@ class MossAudioCodec(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> MossAudioCodec:
-        """Load an official checkpoint; missing/unexpected/misshapen tensors: CheckpointError."""
+        """Load an official checkpoint; missing/unexpected/misshapen tensors: CheckpointError.
+
+        `dtype` applies to the encoder/decoder transformers; the quantizer stays float32.
+        """
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of float32/bfloat16/float16, got {dtype}")
         directory = resolve_pretrained(name_or_path, allow_patterns=["*.json", "*.safetensors"])
         config = CodecConfig.from_dict(read_json(directory / "config.json"))
         with torch.device("meta"):
@@ -171,6 +177,15 @@ class MossAudioCodec(nn.Module):
             )
         if codes.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"codes must be integer, got {codes.dtype}")
+        # Range only for CPU codes: on a GPU the read would sync, and the engine never passes
+        # the model's special codes (pad/BOS/EOS >= codebook_size) to the codec.
+        if codes.device.type == "cpu" and codes.numel():
+            low, high = int(codes.min()), int(codes.max())
+            if low < 0 or high >= self.codebook_size:
+                raise ValueError(
+                    f"codes must be in [0, {self.codebook_size}), got [{low}, {high}] "
+                    "(special codes such as pad/BOS/EOS are not audio)"
+                )
 
     # ---------------------------------------------------------------- streaming
     def init_decode_state(self, num_slots: int) -> CodecDecodeState:
@@ -228,10 +243,6 @@ class MossAudioCodec(nn.Module):
         if ids and ids == list(range(ids[0], ids[0] + len(ids))):
             return slice(ids[0], ids[0] + len(ids))
         return None
-
-    def frames_to_seconds(self, frames: int) -> float:
-        """Duration of `frames` code frames in seconds."""
-        return frames * self.frame_samples / self.sample_rate
 
     def extra_repr(self) -> str:
         params = sum(p.numel() for p in self.parameters())

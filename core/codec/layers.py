@@ -102,7 +102,10 @@ class Attention(nn.Module):
         self.in_projs = nn.ModuleList([nn.Linear(d, 3 * d, bias=False)])
         self.out_projs = nn.ModuleList([nn.Linear(d, d, bias=False)])
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q, k (rotated), v, each [B, H, T, Dh]."""
         b, t, _ = x.shape
         qkv = self.in_projs[0](x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(qkv[0], cos, sin), apply_rope(qkv[1], cos, sin), qkv[2]

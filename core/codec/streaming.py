@@ -39,18 +39,6 @@ class SlotState:
                 elif isinstance(item, SlotState):
                     item.reset(slots)
 
-    def nbytes(self) -> int:
-        """Memory held by this state (all slots), for capacity planning."""
-        total = 0
-        for f in fields(self):
-            value = getattr(self, f.name)
-            for item in value if isinstance(value, list | tuple) else [value]:
-                if isinstance(item, torch.Tensor):
-                    total += item.numel() * item.element_size()
-                elif isinstance(item, SlotState):
-                    total += item.nbytes()
-        return total
-
 
 @dataclass
 class CodecDecodeState(SlotState):

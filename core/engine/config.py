@@ -41,7 +41,14 @@ class EngineConfig:
         kv_rows_per_conversation: typical context used to size the pool when `kv_num_blocks`
             is None; conversations may grow beyond it while others are shorter.
         kv_memory_fraction: share of free device memory the pool may take (CUDA only).
+        text_timeout_s: a turn that waits this long for more text (no delta and no
+            `end_text()`) fails with `StreamFailed` (cause `TimeoutError`), so a forgotten stream
+            cannot hold a slot forever (None: wait indefinitely).
         idle_wait_s: longest sleep of the scheduler thread when nothing is runnable.
+        prefix_cache_voices: voices whose system+voice prefix KV is kept in the pool, prefilled
+            once and forked by every conversation with that voice (least recently used voices
+            go first; entries are also evicted when the pool runs low). 0 disables sharing:
+            each conversation prefills its own prefix.
     """
 
     max_streams: int = 16
@@ -59,7 +66,9 @@ class EngineConfig:
     kv_num_blocks: int | None = None
     kv_rows_per_conversation: int = 2048
     kv_memory_fraction: float = 0.5
+    text_timeout_s: float | None = 120.0
     idle_wait_s: float = 0.05
+    prefix_cache_voices: int = 32
 
     def __post_init__(self) -> None:
         positive = (
@@ -83,6 +92,13 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}"
             )
+        if self.text_timeout_s is not None and not self.text_timeout_s > 0:
+            raise ValueError(f"EngineConfig.text_timeout_s must be > 0 or None, got "
+                             f"{self.text_timeout_s!r}")
+        if (not isinstance(self.prefix_cache_voices, int) or isinstance(self.prefix_cache_voices, bool)
+                or self.prefix_cache_voices < 0):
+            raise ValueError(f"EngineConfig.prefix_cache_voices must be an int >= 0, got "
+                             f"{self.prefix_cache_voices!r}")
         if not self.idle_wait_s > 0:
             raise ValueError(f"EngineConfig.idle_wait_s must be > 0, got {self.idle_wait_s}")
 

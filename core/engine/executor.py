@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from core.engine.prefix import PrefixEntry
 from core.engine.runner import RowWork, StepOutput
 from core.engine.turn import ActiveTurn, Phase
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("core.engine")
 
-Work = list[tuple[ActiveTurn, RowWork]]
+Work = list[tuple[ActiveTurn | PrefixEntry, RowWork]]  # a turn's rows, or a voice prefix's
 
 
 class Executor:
@@ -73,8 +74,11 @@ class Executor:
         j = 0
         for turn, w in work:
             self.worker.context(turn).kv_appended(w.rows)
+            if isinstance(turn, PrefixEntry) and turn.ready:
+                self.metrics.add("prefix_prefills")
             if w.slot is None:
                 continue
+            assert isinstance(turn, ActiveTurn), "only turns sample frames"
             codes, pcm = out.codes[j], out.pcm[j]
             if out.logits is not None and self.trace_logits is not None:
                 self.trace_logits(turn.stream.turn_id, out.logits[j])
@@ -91,7 +95,7 @@ class Executor:
                 turn.stream.ttfa_s = now - turn.lead_ready_at
                 self.metrics.record_ttfa(turn.stream.ttfa_s)
             turn.stream.frames = len(turn.frames)
-            turn.stream.channel.put(chunk)
+            turn.stream._put(chunk)
         if turn.underruns:
             self.metrics.add("underruns", turn.underruns)
             turn.underruns = 0
@@ -99,12 +103,18 @@ class Executor:
             self.worker.end_turn(turn, None)
 
     def _make_room(self, rows: int) -> None:
-        """Evict idle conversations' KV (least recently used first) when the pool runs low."""
+        """Evict idle conversations' KV (least recently used first), then cached voice prefixes
+        (their blocks stay with the conversations that forked them), when the pool runs low."""
         need = rows + self.kv.block_size * max(1, len(self.worker.active))
         if self.kv.rows_free >= need:
             return
         for cs in self.worker.idle_with_kv():
             cs.conv.context.release_kv(self.kv)
             log.info("evicted the KV cache of idle conversation %d", cs.conv.conv_id)
+            if self.kv.rows_free >= need:
+                return
+        for entry in self.worker.prefix_kv.evictable():
+            self.worker.prefix_kv.drop(entry)
+            log.info("evicted the cached prefix of voice %s", entry.key)
             if self.kv.rows_free >= need:
                 return

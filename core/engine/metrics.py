@@ -32,6 +32,9 @@ class EngineStats:
     ttfa_p95_s: float | None
     underruns: int  # chunks that arrived after a real-time listener ran dry (not starvation)
     kv_rows_free: int | None
+    prefill_rows_total: int = 0  # prompt rows prefilled (turns and voice prefixes)
+    prefix_prefills: int = 0  # system+voice prefixes prefilled into the shared prefix cache
+    prefix_forks: int = 0  # conversation caches started from a shared prefix (not prefilled)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -54,7 +57,8 @@ class Metrics:
         self._ttfa: deque[float] = deque(maxlen=keep)
         self.counts = dict.fromkeys(
             ("turns_started", "turns_finished", "turns_cancelled", "turns_failed",
-             "frames_total", "ticks_total", "underruns"), 0
+             "frames_total", "ticks_total", "underruns", "prefill_rows", "prefix_prefills",
+             "prefix_forks"), 0
         )
 
     def add(self, name: str, n: int = 1) -> None:
@@ -97,4 +101,6 @@ class Metrics:
             step_ms_p50=percentile(steps, 50), step_ms_p95=percentile(steps, 95),
             ttfa_p50_s=percentile(ttfa, 50), ttfa_p95_s=percentile(ttfa, 95),
             underruns=c["underruns"], kv_rows_free=kv_rows_free,
+            prefill_rows_total=c["prefill_rows"], prefix_prefills=c["prefix_prefills"],
+            prefix_forks=c["prefix_forks"],
         )

@@ -4,6 +4,10 @@ All active streams share each call: prefill chunks and 1-row decode steps go int
 `forward_rows`, every stream that needs a frame is sampled in one 16-codebook depth pass, and
 every real frame is decoded in one batched `decode_step`. Per-stream device state (sampler
 history and random counter, codec ring caches) lives in slots; a new turn resets its slot.
+
+A frame with a special code (EOS 1026 on codebook 0, or a pad/BOS/EOS id sampled on any
+codebook) is not decoded: the codec has no such codes, and upstream's decoder stops at the
+first such frame, so the engine ends the turn there.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class ModelRunner:
         pcm: list[Tensor | None] = [None] * len(sel)
         if bool(valid.any()):
             idx = valid.nonzero().flatten()
+            idx = idx[slots[idx].argsort()]  # ascending slots: the codec's contiguous fast path
             wave = self.codec.decode_step(codes[idx.to(codes.device)], slots[idx], self.codec_state)
             wave = wave.float().cpu()
             for j, i in enumerate(idx.tolist()):

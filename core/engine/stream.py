@@ -82,7 +82,7 @@ class TurnStream:
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self.channel: ChunkChannel[AudioChunk] = ChunkChannel()
+        self._channel: ChunkChannel[AudioChunk] = ChunkChannel()
         self.frames = 0  # frames generated so far (engine thread writes)
         self.ttfa_s: float | None = None  # seconds from lead ready to first chunk
         self.prefilled_rows = 0  # prompt + lead rows this turn prefilled (history reuse check)
@@ -151,7 +151,7 @@ class TurnStream:
             if self._status in (TurnStatus.QUEUED, TurnStatus.ACTIVE):
                 self._status = TurnStatus.CANCELLED
                 self._error = StreamCancelled(f"turn {self.turn_id} was cancelled")
-        self.channel.abort(StreamCancelled(f"turn {self.turn_id} was cancelled"))
+        self._channel.abort(StreamCancelled(f"turn {self.turn_id} was cancelled"))
         self._link._request_cancel(self, played_s)
 
     @property
@@ -182,6 +182,10 @@ class TurnStream:
         await fut
 
     # -- engine side -------------------------------------------------------------------------
+    def _put(self, chunk: AudioChunk) -> None:
+        """Engine thread: hand a chunk to the consumer (dropped after a cancel)."""
+        self._channel.put(chunk)
+
     def _set_active(self) -> None:
         with self._lock:
             if self._status is TurnStatus.QUEUED:
@@ -198,7 +202,7 @@ class TurnStream:
                     self._error = error
             waiters, self._done_waiters = self._done_waiters, []
             self._done.set()
-        self.channel.close(error if self._status is TurnStatus.FAILED else None)
+        self._channel.close(error if self._status is TurnStatus.FAILED else None)
         for loop, fut in waiters:
             try:
                 loop.call_soon_threadsafe(_resolve, fut)
@@ -215,7 +219,7 @@ class TurnStream:
         return self
 
     async def __anext__(self) -> AudioChunk:
-        return await self.channel.get()
+        return await self._channel.get()
 
     async def __aenter__(self) -> TurnStream:
         return self

@@ -67,6 +67,9 @@ class ActiveTurn:
         self.sample_rate = sample_rate
         self.phase = Phase.PREFILL
         self.rows_pending: Tensor | None = None
+        # (prefix key, history rows) while the voice prefix is being prefilled: nothing of
+        # this turn is scheduled until the worker forks the prefix and queues the history.
+        self.prefix_wait: tuple[object, Tensor] | None = None
         self.lead_queued = False
         self.incremental = IncrementalTokenizer(tokenizer)
         self.ids: deque[int] = deque()
@@ -80,6 +83,7 @@ class ActiveTurn:
         self.clock = PlaybackClock()
         self.starved = False
         self.admitted_at = now
+        self.text_at = now  # last time text (or end_text) arrived
         self.lead_ready_at: float | None = None
         self.first_chunk_at: float | None = None
         self.underruns = 0  # not yet reported to the metrics
@@ -89,6 +93,8 @@ class ActiveTurn:
     def ingest_text(self, now: float) -> None:
         """Pull new deltas from the stream; queue the lead rows once 12 ids (or all) are known."""
         delta, ended = self.stream.take_text()
+        if delta or (ended and not self.text_flushed):
+            self.text_at = now
         if delta:
             self.ids.extend(self.incremental.push(delta))
             self.words.push_text(delta)
@@ -105,20 +111,35 @@ class ActiveTurn:
                 self.lead_queued = True
                 self.lead_ready_at = now
 
+    def waiting_for_text(self) -> bool:
+        """True when only more text (or end_text) can make this turn progress."""
+        if self.text_flushed:
+            return False
+        if self.phase is Phase.PREFILL:
+            return not self.lead_queued and self.rows_pending is None
+        return not self.ids
+
     @property
     def empty_text(self) -> bool:
         """The text ended with nothing to say (empty, or whitespace only): the turn ends at once
         without audio and adds nothing to the context."""
         return self.text_flushed and not self.lead_queued
 
-    def queue_rows(self, rows: Tensor) -> None:
-        if rows.shape[0]:
-            pending = self.rows_pending
-            self.rows_pending = rows if pending is None else torch.cat([pending, rows])
+    def queue_rows(self, rows: Tensor, *, front: bool = False) -> None:
+        """Queue prompt rows to prefill (`front`: before the lead already queued)."""
+        pending = self.rows_pending
+        if not rows.shape[0]:
+            return
+        if pending is None:
+            self.rows_pending = rows
+        else:
+            self.rows_pending = torch.cat([rows, pending] if front else [pending, rows])
 
     # -- scheduling ---------------------------------------------------------------------------
     def demand(self, sid: int, now: float) -> StreamDemand:
         if self.phase is Phase.PREFILL:
+            if self.prefix_wait is not None:
+                return StreamDemand(sid, arrival=self.admitted_at)
             rows = 0 if self.rows_pending is None else int(self.rows_pending.shape[0])
             return StreamDemand(sid, prefill_rows=rows, prefill_samples=self.lead_queued and rows > 0,
                                 arrival=self.admitted_at)
@@ -186,8 +207,8 @@ class ActiveTurn:
         return AudioChunk(_to_int16(pcm), self.sample_rate, start_s, duration, words, final)
 
     def _released_words(self, pcm: np.ndarray, frames: int, final: bool) -> list[WordTiming]:
-        energies = [float(np.sqrt(np.mean(np.square(f, dtype=np.float64))))
-                    for f in np.array_split(pcm, frames)] if frames else []
+        per_frame = pcm.reshape(frames, -1).astype(np.float64) if frames else pcm[:0]
+        energies = np.sqrt(np.mean(np.square(per_frame), axis=1)).tolist() if frames else []
         words = self.words.add_frames(energies) if energies else []
         if final:
             words += self.words.finish()

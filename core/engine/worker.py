@@ -14,11 +14,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from torch import Tensor
+
 from core.conversation import Conversation, ConversationContext
 from core.engine.config import EngineConfig
 from core.engine.executor import Executor, Work
 from core.engine.gate import Gate, Job
 from core.engine.metrics import Metrics
+from core.engine.prefix import PrefixEntry, PrefixKVCache
 from core.engine.runner import ModelRunner, RowWork
 from core.engine.scheduler import plan_step
 from core.engine.slots import SlotTable
@@ -31,6 +34,7 @@ from core.prompt import PromptBuilder
 log = logging.getLogger("core.engine")
 T = TypeVar("T")
 IDLE_S = 1.0  # sleep with no turn at all (every input sets the wake-up event anyway)
+STATS_LOG_S = 30.0  # while busy, one INFO line of engine stats this often
 
 SPEAK, USER = "speak", "user"
 Item = tuple[str, Any]  # (SPEAK, TurnStream) | (USER, Job)
@@ -61,10 +65,15 @@ class Worker:
         self.slots = SlotTable(config.max_streams)
         self.convs: dict[int, ConvState] = {}
         self.active: dict[int, ActiveTurn] = {}  # turn id -> turn
+        self.prefix_kv = PrefixKVCache(kv, config.prefix_cache_voices)
         self.executor = Executor(self)
+        self._stats_logged = time.monotonic()
 
     # -- helpers for the executor -------------------------------------------------------------
-    def context(self, turn: ActiveTurn) -> ConversationContext:
+    def context(self, turn: ActiveTurn | PrefixEntry) -> ConversationContext | PrefixEntry:
+        """KV bookkeeping of a work item's owner (a voice prefix keeps its own)."""
+        if isinstance(turn, PrefixEntry):
+            return turn
         return self.convs[turn.conv_id].conv.context
 
     def idle_with_kv(self) -> Iterator[ConvState]:
@@ -81,8 +90,15 @@ class Worker:
             self.fail(turn, exc)
         return None
 
-    def fail(self, turn: ActiveTurn, exc: Exception) -> None:
-        """End a turn with its error: our own errors as they are, anything else wrapped."""
+    def fail(self, turn: ActiveTurn | PrefixEntry, exc: Exception) -> None:
+        """End a turn with its error: our own errors as they are, anything else wrapped.
+
+        A voice prefix that fails is dropped; the turns waiting for it prefill it themselves.
+        """
+        if isinstance(turn, PrefixEntry):
+            log.warning("prefill of a voice prefix failed: %r", exc)
+            self.prefix_kv.drop(turn)
+            return
         if not isinstance(exc, MossError):
             failed = StreamFailed(f"turn {turn.stream.turn_id} failed: {exc!r}")
             failed.__cause__ = exc
@@ -161,13 +177,20 @@ class Worker:
         """One scheduler step; returns how long to sleep (None: run again at once)."""
         now = time.monotonic()
         self._admit(now)
+        self._resolve_prefix_waits()
+        timeout = self.config.text_timeout_s
         for turn in list(self.active.values()):
             self.per_stream(turn, lambda t=turn: t.ingest_text(now))
-            if turn.phase is not Phase.DONE and turn.empty_text:
+            if turn.phase is Phase.DONE:
+                continue
+            if turn.empty_text:
                 self.end_turn(turn, None)
+            elif timeout is not None and turn.waiting_for_text() and now - turn.text_at > timeout:
+                self.fail(turn, TimeoutError(f"no text for {timeout:g} s (push_text/end_text)"))
         cfg = self.config
-        plan = plan_step([t.demand(sid, now) for sid, t in self.active.items()],
-                         max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
+        demands = [t.demand(sid, now) for sid, t in self.active.items()]
+        demands += [entry.demand() for entry in self.prefix_kv.building()]
+        plan = plan_step(demands, max_batch=cfg.max_batch, prefill_chunk=cfg.prefill_chunk,
                          lead_s=cfg.lead_s)
         if plan.empty:
             if not self.active and not any(cs.queue for cs in self.convs.values()):
@@ -176,6 +199,13 @@ class Worker:
                                                                        cfg.idle_wait_s)
         work: Work = []
         for chunk in plan.prefill:
+            self.metrics.add("prefill_rows", chunk.rows)
+            if chunk.sid < 0:  # a voice prefix (negative ids never collide with turn ids)
+                entry = self.prefix_kv.by_sid(chunk.sid)
+                assert entry is not None, "a planned prefix is in the cache"
+                rows = entry.take_prefill(chunk.rows)
+                work.append((entry, RowWork(entry.seq_id, rows, None)))
+                continue
             turn = self.active[chunk.sid]
             rows = turn.take_prefill(chunk.rows)
             slot = turn.lease.index if chunk.samples else None
@@ -187,6 +217,12 @@ class Worker:
                 work.append((turn, RowWork(self._seq(turn), row, turn.lease.index)))
         if work:
             self.executor.run(work)
+        if now - self._stats_logged > STATS_LOG_S:
+            self._stats_logged = now
+            outstanding, convs = self.gate.counts()
+            log.info("engine: %s", self.metrics.snapshot(
+                active=len(self.active), queued=max(0, outstanding - len(self.active)),
+                conversations=convs, kv_rows_free=self.kv.rows_free))
         return None
 
     def _seq(self, turn: ActiveTurn) -> int:
@@ -221,12 +257,44 @@ class Worker:
 
         def prepare() -> None:
             ctx = cs.conv.context
-            turn.queue_rows(ctx.sync_kv(self.kv, ctx.begin_assistant(reserve)))
+            target = ctx.begin_assistant(reserve)
+            n, entry = ctx.prefix_len(), None
+            if not ctx.holds_prefix(target, n):  # new, evicted, or a new voice: fork
+                key = None if ctx.voice is None else ctx.voice.key
+                entry = self.prefix_kv.acquire(key, target[:n], now)
+            if entry is not None and not entry.ready:
+                turn.prefix_wait = (entry.key, target)  # queued once the prefix is in the KV
+            else:
+                self._sync_kv(turn, target, entry)
             self.runner.start_turn(lease.index, cs.conv.sampling, cs.counter)
             turn.sampler_started = True
             stream._set_active()
 
         self.per_stream(turn, prepare)
+
+    def _sync_kv(self, turn: ActiveTurn, target: Tensor, prefix: PrefixEntry | None) -> None:
+        """Bring the conversation's KV to `target` (forking `prefix` when it helps) and queue
+        the rows still missing ahead of the turn's lead."""
+        ctx = self.convs[turn.conv_id].conv.context
+        before = ctx.seq_id
+        turn.queue_rows(ctx.sync_kv(self.kv, target, prefix), front=True)
+        if prefix is not None and ctx.seq_id != before and ctx.kv_len > 0:
+            self.metrics.add("prefix_forks")
+
+    def _resolve_prefix_waits(self) -> None:
+        """Turns waiting for a voice prefix go on once it is ready (or gone: then they prefill
+        it themselves, so a failed or evicted prefix never blocks a turn)."""
+        for turn in list(self.active.values()):
+            if turn.prefix_wait is None or turn.phase is Phase.DONE:
+                continue
+            key, target = turn.prefix_wait
+            entry = self.prefix_kv.get(key)  # type: ignore[arg-type]
+            if entry is not None and entry.stalled:
+                self.prefix_kv.drop(entry)
+                entry = None
+            if entry is None or entry.ready:
+                turn.prefix_wait = None
+                self.per_stream(turn, lambda t=turn, r=target, e=entry: self._sync_kv(t, r, e))
 
     def end_turn(self, turn: ActiveTurn, error: BaseException | None, *,
                  cancelled: bool = False, played_s: float | None = None) -> None:

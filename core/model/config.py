@@ -17,6 +17,7 @@ from core.errors import CheckpointError
 AUDIO_PAD_CODE = 1024
 AUDIO_BOS_CODE = 1025
 AUDIO_EOS_CODE = 1026
+_QWEN3_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def _transformer(cfg: dict[str, Any], section: str) -> TransformerConfig:
     heads = _int(cfg, "num_attention_heads", p)
     if heads == 0:
         raise CheckpointError(f"config field '{p}num_attention_heads' must be positive")
-    head_dim = _int(cfg, "head_dim", p, default=hidden // heads)
+    # Qwen3Config (and upstream's local config) default head_dim to 128, not hidden // heads.
+    head_dim = _int(cfg, "head_dim", p, default=_QWEN3_HEAD_DIM)
     kv_heads = _int(cfg, "num_key_value_heads", p, default=heads)
     if kv_heads == 0:
         raise CheckpointError(f"config field '{p}num_key_value_heads' must be positive")
@@ -180,9 +182,11 @@ def _transformer(cfg: dict[str, Any], section: str) -> TransformerConfig:
     if cfg.get("attention_bias", False):
         raise CheckpointError(f"config field '{p}attention_bias' must be false")
     theta, factor = _rope(cfg, p)
+    num_layers = _int(cfg, "num_hidden_layers", p)
+    _check_full_attention(cfg, p, num_layers)
     return TransformerConfig(
         hidden_size=hidden,
-        num_layers=_int(cfg, "num_hidden_layers", p),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -192,3 +196,23 @@ def _transformer(cfg: dict[str, Any], section: str) -> TransformerConfig:
         rope_factor=factor,
         max_position_embeddings=_int(cfg, "max_position_embeddings", p, default=40960),
     )
+
+
+def _check_full_attention(cfg: dict[str, Any], prefix: str, num_layers: int) -> None:
+    """Reject Qwen3 sliding-window layers: we implement full causal attention only.
+
+    transformers takes `layer_types` when given; otherwise layers from `max_window_layers` on
+    slide when `use_sliding_window` is set. The published checkpoint has neither.
+    """
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+            raise CheckpointError(
+                f"config field '{prefix}layer_types' must list only 'full_attention' "
+                f"(sliding-window attention is not supported), got {layer_types!r}"
+            )
+    elif cfg.get("use_sliding_window") and cfg.get("max_window_layers", 28) < num_layers:
+        raise CheckpointError(
+            f"config field '{prefix}use_sliding_window' must be false: sliding-window attention "
+            "is not supported"
+        )

@@ -48,6 +48,9 @@ class KVPool:
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        # Blocks held by more than one sequence (after `fork`): block -> extra holders. A shared
+        # block is never written; it returns to the free list when its last holder lets go.
+        self._shared: dict[int, int] = {}
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +72,7 @@ class KVPool:
     def free(self, seq_id: int) -> None:
         """Return all blocks of `seq_id` to the pool and forget it."""
         self._check(seq_id)
-        self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
+        self._release(self._tables.pop(seq_id))
         del self._lengths[seq_id]
 
     def truncate(self, seq_id: int, length: int) -> None:
@@ -81,7 +84,7 @@ class KVPool:
             )
         keep = -(-length // self.block_size)
         table = self._tables[seq_id]
-        self._free_blocks.extend(reversed(table[keep:]))
+        self._release(table[keep:])
         del table[keep:]
         self._lengths[seq_id] = length
 
@@ -96,6 +99,55 @@ class KVPool:
         if seq_id not in self._tables:
             raise KeyError(f"unknown KV sequence {seq_id}")
 
+    def fork(self, src_seq: int, length: int) -> int:
+        """A new sequence whose first `length` rows equal `src_seq`'s, without recomputing them.
+
+        Full blocks are shared (reference counted, never written again: copy-on-write in
+        `reserve`); only a partly used last block is copied. This is how many conversations
+        reuse one prefilled system+voice prefix.
+
+        Raises:
+            ContextOverflowError: no free block for the copied partial block.
+        """
+        self._check(src_seq)
+        if not 0 <= length <= self._lengths[src_seq]:
+            raise ValueError(
+                f"cannot fork {length} rows of sequence {src_seq} ({self._lengths[src_seq]} rows)"
+            )
+        full, partial = divmod(length, self.block_size)
+        src = self._tables[src_seq]
+        table = list(src[:full])
+        if partial:
+            table.append(self._copy_block(src[full], partial))
+        for block in table[:full]:
+            self._shared[block] = self._shared.get(block, 0) + 1
+        seq_id = self.new_sequence()
+        self._tables[seq_id], self._lengths[seq_id] = table, length
+        return seq_id
+
+    def _copy_block(self, block: int, rows: int) -> int:
+        """A fresh block holding the first `rows` rows of `block` (every layer)."""
+        if not self._free_blocks:
+            raise ContextOverflowError(
+                f"KV pool exhausted: need 1 block of {self.block_size} rows, 0 free"
+            )
+        new = self._free_blocks.pop()
+        src, dst = block * self.block_size, new * self.block_size
+        self.k[:, dst : dst + rows] = self.k[:, src : src + rows]
+        self.v[:, dst : dst + rows] = self.v[:, src : src + rows]
+        return new
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one holder of each block; unshared blocks go back to the free list."""
+        for block in reversed(blocks):
+            extra = self._shared.get(block, 0)
+            if extra > 1:
+                self._shared[block] = extra - 1
+            elif extra == 1:
+                del self._shared[block]
+            else:
+                self._free_blocks.append(block)
+
     def reserve(self, seq_ids: list[int], new_rows: list[int]) -> None:
         """Grow block tables for appending `new_rows[i]` rows to `seq_ids[i]`; all or nothing."""
         if len(set(seq_ids)) != len(seq_ids):
@@ -105,13 +157,26 @@ class KVPool:
             self._check(seq_id)
             total = -(-(self._lengths[seq_id] + n) // self.block_size)
             needs.append(total - len(self._tables[seq_id]))
-        if sum(needs) > len(self._free_blocks):
+        copies = [seq_id for seq_id, n in zip(seq_ids, new_rows, strict=True)
+                  if self._writes_shared(seq_id, n)]
+        if sum(needs) + len(copies) > len(self._free_blocks):
             raise ContextOverflowError(
-                f"KV pool exhausted: need {sum(needs)} blocks of {self.block_size} rows, "
-                f"{len(self._free_blocks)} free"
+                f"KV pool exhausted: need {sum(needs) + len(copies)} blocks of "
+                f"{self.block_size} rows, {len(self._free_blocks)} free"
             )
+        for seq_id in copies:  # copy-on-write: a shared partly used last block gets its own copy
+            table = self._tables[seq_id]
+            old = table[-1]
+            table[-1] = self._copy_block(old, self._lengths[seq_id] % self.block_size)
+            self._release([old])
         for seq_id, need in zip(seq_ids, needs, strict=True):
             self._tables[seq_id].extend(self._free_blocks.pop() for _ in range(need))
+
+    def _writes_shared(self, seq_id: int, new_rows: int) -> bool:
+        """Appending would write into a partly used block that another sequence also holds."""
+        table = self._tables[seq_id]
+        return (new_rows > 0 and self._lengths[seq_id] % self.block_size != 0
+                and table[-1] in self._shared)
 
     def plan(self, seq_ids: list[int], new_rows: list[int]) -> PagedContext:
         """Reserve space and build the attention plan for one varlen batch.

@@ -56,16 +56,10 @@ class MossTTSRealtime(nn.Module):
         """Load a local checkpoint directory or a hub id (honours HF_HUB_OFFLINE=1)."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of float32/bfloat16/float16, got {dtype}")
+        # Weights, config and every tokenizer file (tokenizer.json, vocab.json, merges.txt, ...),
+        # so `load_tokenizer` works on the same snapshot.
         directory = resolve_pretrained(
-            name_or_path,
-            allow_patterns=[
-                "config.json",
-                "*.safetensors",
-                "*.safetensors.index.json",
-                "tokenizer*",
-                "*.txt",
-                "special_tokens_map.json",
-            ],
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"]
         )
         config = ModelConfig.from_dict(read_json(directory / "config.json"))
         tensors = load_safetensors(directory, skip=(DUPLICATE_TEXT_EMBED,))
@@ -116,7 +110,9 @@ class MossTTSRealtime(nn.Module):
         for r in rows:
             self._check_rows(r)
         ctx = kv.plan(seq_ids, [r.shape[0] for r in rows])
-        x = self.embed_rows(torch.cat([r.to(self.device) for r in rows]))
+        # Concatenate where the rows are (normally the CPU), so a batch costs one host-to-device
+        # copy in `embed_rows`, not one per sequence.
+        x = self.embed_rows(torch.cat([r.to(rows[0].device) for r in rows]))
         return self.backbone(x, ctx, all_rows=all_rows)
 
     def _check_rows(self, rows: Tensor) -> None:

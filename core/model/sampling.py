@@ -6,11 +6,9 @@ on the turn's first frame because its history is empty) -> temperature -> top-k 
 top-p as upstream computes it (ascending sort, cumulative softmax, drop entries <= 1 - top_p,
 always keep the max) -> draw. Temperature 0 is argmax after the penalty.
 
-Randomness is counter-based, not a stateful generator: the draw uses Gumbel-max with noise
-u = hash(seed, frame counter, codebook, vocab id), a 32-bit murmur3 finaliser chain computed
-with exact int64 tensor arithmetic. A conversation's draws therefore depend only on its own
-seed and frame counter, never on which other rows share the batch or where it sits in it, and
-nothing synchronises with the host. argmax(logits/T + Gumbel) samples softmax(logits/T) exactly.
+Randomness is counter-based (`core.model.noise`): the draw is Gumbel-max with noise hashed from
+(seed, frame counter, codebook, vocab id), so a conversation's draws depend only on its own seed
+and frame counter, never on which other rows share the batch, and nothing syncs with the host.
 
 CPU fast path (batches of >= 3 rows that all have top_k > 0): only the max(top_k) + margin best
 entries per row are selected, ordered, filtered and hashed, instead of sorting and hashing the
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_M32 = 0xFFFFFFFF
+from core.model.noise import M32, frame_keys, gumbel, vocab_hash
 
 
 @dataclass(frozen=True)
@@ -59,20 +57,6 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), exact in int64 (no signed overflow)."""
-    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & _M32
-
-
-def _fmix32(h: Tensor) -> Tensor:
-    """murmur3's 32-bit finaliser: a bijective avalanche mix."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 # The fast path keeps `max top_k + _TIE_MARGIN` candidates so that ties with the k-th value that
 # spill past top_k are still in hand; a row whose ties spill past the margin too falls back to the
 # full sort for that codebook step.
@@ -82,17 +66,9 @@ _TIE_MARGIN = 8
 # of torch's CPU reduction then sums the same values in the same order, so the probabilities (and
 # hence the top-p cut) are bit-identical to the full-vocab softmax (tests pin this).
 _ALIGN = 64
-_ID_MUL = 0x632BE5AB
 # From this many rows the fast path pays off (measured on CPU, tiny dims: at 1-2 rows its extra
 # small ops cost what the full sort saves; at 16 rows it is ~5x faster, at 64 ~9x).
 _FAST_PATH_MIN_ROWS = 3
-
-
-def _gumbel(keys: Tensor, id_hash: Tensor, dtype: torch.dtype) -> Tensor:
-    """Gumbel noise from hash(key, vocab id); keys broadcast against the pre-mixed ids."""
-    h = _fmix32((keys + id_hash) & _M32)
-    u = ((h >> 8).to(dtype) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
 
 
 @dataclass(slots=True)
@@ -171,7 +147,7 @@ class SamplerBatch:
         self.top_k[row] = params.top_k
         self.penalty[row] = params.repetition_penalty
         self.window[row] = params.repetition_window
-        self.seed_lo[row] = seed & _M32
+        self.seed_lo[row] = seed & M32
         self.seed_hi[row] = seed >> 32
         self.counter[row] = counter
         self.new_turn(row)
@@ -212,7 +188,7 @@ class SamplerBatch:
             keys=keys,
             id_hash=id_hash,
             width=width,
-            noise=None if width else _gumbel(keys[:, :, None], id_hash, dtype),
+            noise=None if width else gumbel(keys[:, :, None], id_hash, dtype),
             any_greedy=idx.device.type != "cpu" or bool(greedy.any()),
         )
 
@@ -230,20 +206,13 @@ class SamplerBatch:
         return width if width < vocab else 0
 
     def _keys(self, idx: Tensor) -> Tensor:
-        """Noise key [B, rvq] = hash(seed, counter, codebook) of this frame."""
-        key = _fmix32(self.seed_lo[idx] ^ 0x9E3779B9)
-        key = _fmix32(key ^ self.seed_hi[idx])
-        counter = self.counter[idx]
-        key = _fmix32(key ^ (counter & _M32))
-        key = _fmix32(key ^ ((counter >> 32) & _M32))
-        codebooks = torch.arange(self.rvq, device=idx.device, dtype=torch.int64)
-        return _fmix32(key[:, None] ^ codebooks[None, :])
+        """Noise key [B, rvq] of this frame for rows `idx`."""
+        return frame_keys(self.seed_lo[idx], self.seed_hi[idx], self.counter[idx], self.rvq)
 
     def _vocab_hash(self, vocab: int) -> Tensor:
-        """mul32(vocab id, constant) for every id, cached: the per-id half of the noise hash."""
+        """The per-id half of the noise hash, cached (same vocab every frame)."""
         if self._id_hash is None or self._id_hash.shape[0] != vocab:
-            ids = torch.arange(vocab, device=self.device, dtype=torch.int64)
-            self._id_hash = _mul32(ids, _ID_MUL)
+            self._id_hash = vocab_hash(vocab, self.device)
         return self._id_hash
 
     @staticmethod
@@ -307,7 +276,7 @@ class SamplerBatch:
         if frame.noise is not None:
             noise = frame.noise[:, codebook].gather(1, ids)
         else:
-            noise = _gumbel(frame.keys[:, codebook, None], frame.id_hash[ids], logits.dtype)
+            noise = gumbel(frame.keys[:, codebook, None], frame.id_hash[ids], logits.dtype)
         sampled = ids.gather(1, (asc + noise).argmax(dim=-1, keepdim=True))[:, 0]
         if not frame.any_greedy:
             return sampled

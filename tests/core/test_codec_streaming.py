@@ -136,7 +136,37 @@ def test_decode_step_rejects_bad_input(codec: MossAudioCodec) -> None:
         codec.decode_step(_codes(0, 2), torch.tensor([0]), state)
     with pytest.raises(ValueError, match="codes must be"):
         codec.decode_step(torch.zeros(1, 40, dtype=torch.long), torch.tensor([0]), state)
+    special = _codes(0, 1)
+    special[0, 3] = 1024  # the model's audio pad sampled on codebook 3
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 1024\)"):
+        codec.decode_step(special, torch.tensor([0]), state)
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 1024\)"):
+        codec.decode(-special)
     assert state.frames.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_codec_streams_like_its_whole_clip(
+    codec: MossAudioCodec, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """Prevents a half-precision codec (half the GPU memory of fp32) from mixing dtypes in the
+    ring caches or the quantizer: it loads, streams like its own whole-clip decode, stays close
+    to fp32 and returns float32 audio; a non-float dtype is refused up front."""
+    codec.save_pretrained(tmp_path)
+    half = MossAudioCodec.from_pretrained(tmp_path, dtype=dtype)
+    assert {p.dtype for p in half.decoder.parameters()} == {dtype}
+    assert {p.dtype for p in half.quantizer.parameters()} == {torch.float32}
+    codes = _codes(4, 12)
+    whole = half.decode(codes)
+    state = half.init_decode_state(2)
+    streamed = torch.cat(
+        [half.decode_step(codes[i : i + 1], torch.tensor([1]), state)[0] for i in range(12)]
+    )
+    assert whole.dtype == streamed.dtype == torch.float32
+    torch.testing.assert_close(streamed, whole, atol=1e-2, rtol=0)
+    torch.testing.assert_close(whole, codec.decode(codes), atol=5e-2, rtol=0)
+    with pytest.raises(ValueError, match="dtype"):
+        MossAudioCodec.from_pretrained(tmp_path, dtype=torch.int8)
 
 
 def test_state_is_preallocated_and_reused(codec: MossAudioCodec) -> None:

@@ -512,7 +512,9 @@ async def test_voice_and_user_audio_go_into_the_context(parts):
 async def test_full_kv_pool_evicts_idle_conversations_and_rebuilds_them(parts):
     """KV memory follows real context: when the pool runs low an idle conversation's cache is
     dropped and rebuilt from its rows on its next turn, instead of refusing new work."""
-    engine = make_engine(parts, kv_num_blocks=36, max_frames_per_turn=20)  # ~2 contexts
+    # ~2 contexts; no shared voice prefix, so each conversation holds its whole context
+    # (eviction with shared prefixes: tests/core/test_prefix_cache.py)
+    engine = make_engine(parts, kv_num_blocks=36, max_frames_per_turn=20, prefix_cache_voices=0)
     try:
         convs = [engine.conversation(sampling=SamplingParams(seed=i)) for i in range(3)]
         for conv in convs:
@@ -570,3 +572,55 @@ def test_public_api_is_importable_from_core():
     # `import core.errors` stays light: no torch until the engine is used.
     code = "import sys, core.errors; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+async def test_frame_cap_ends_a_turn_that_would_run_on(parts):
+    """A turn that would run long must stop at max_frames_per_turn with a final chunk."""
+    engine = make_engine(parts, max_frames_per_turn=5)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=12))
+        stream, chunks = await speak(conv, "word " * 80)
+        assert stream.status is TurnStatus.FINISHED and stream.frames == 5
+        assert chunks[-1].final and sum(c.num_samples for c in chunks) == 5 * 1920
+        assert conv.turns[-1].frames == 5
+        assert "".join(w.word for c in chunks for w in c.words).strip()  # words released
+    finally:
+        engine.close()
+
+
+async def test_cancel_while_queued_never_starts_the_turn(parts):
+    """Cancelling a queued turn must drop it without audio or context, and not block the
+    turn behind it."""
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=13))
+        first, queued, third = conv.speak(), conv.speak(), conv.speak()
+        queued.cancel()
+        with pytest.raises(StreamCancelled):
+            await queued.__anext__()
+        for s, text in ((first, "One."), (third, "Three.")):
+            s.push_text(text)
+            s.end_text()
+        assert [c async for c in first] and [c async for c in third]
+        assert [t.text for t in conv.turns] == ["One.", "Three."]
+        assert queued.status is TurnStatus.CANCELLED and queued.frames == 0
+    finally:
+        engine.close()
+
+
+async def test_a_stream_left_without_text_times_out_and_frees_its_slot(parts):
+    """A forgotten stream (no more text, never ended) must not hold a slot forever."""
+    engine = make_engine(parts, max_streams=1, text_timeout_s=0.3)
+    try:
+        conv = engine.conversation()
+        stream = conv.speak()
+        stream.push_text("Hello")  # fewer than 12 tokens and no end_text: it waits for more
+        with pytest.raises(StreamFailed) as info:
+            async for _ in stream:
+                pass
+        assert isinstance(info.value.__cause__, TimeoutError)
+        other = engine.conversation()
+        _, chunks = await speak(other, "My turn now.")  # the slot is free again
+        assert chunks
+    finally:
+        engine.close()

@@ -10,7 +10,14 @@ import torch
 from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams, generate_turn
 from core.prompt import PromptBuilder, TokenIds
 from core.text import load_tokenizer
-from core.tiny import write_tiny_model, write_tiny_tokenizer
+from core.tiny import (
+    CODEC_SEED_OFFSET,
+    MODEL_SEED_OFFSET,
+    write_tiny,
+    write_tiny_codec,
+    write_tiny_model,
+    write_tiny_tokenizer,
+)
 
 PAD = 1024
 TEXT_PAD = 426
@@ -151,6 +158,25 @@ def test_tiny_checkpoint_is_deterministic(tmp_path: Path):
         write_tiny_model(tmp_path / name, seed)
     read = lambda n: (tmp_path / n / "model.safetensors").read_bytes()  # noqa: E731
     assert read("a") == read("b") != read("c")
+
+
+def test_tiny_components_have_independent_seeds(tmp_path: Path):
+    """Prevents regenerating one tiny component (e.g. the codec) from silently changing another
+    and staling the committed upstream fixtures: `write_tiny` writes exactly what each
+    component's writer writes alone with that component's own seed (which does matter)."""
+    model_dir, codec_dir = write_tiny(tmp_path / "all", seed=5)
+    write_tiny_model(tmp_path / "model", 5 + MODEL_SEED_OFFSET)
+    write_tiny_codec(tmp_path / "codec", 5 + CODEC_SEED_OFFSET)
+    write_tiny_tokenizer(tmp_path / "model")
+    pairs = [
+        (model_dir / "model.safetensors", tmp_path / "model" / "model.safetensors"),
+        (model_dir / "tokenizer.json", tmp_path / "model" / "tokenizer.json"),
+        (codec_dir / "model.safetensors", tmp_path / "codec" / "model.safetensors"),
+    ]
+    for ours, alone in pairs:
+        assert ours.read_bytes() == alone.read_bytes(), ours
+    _, other_codec = write_tiny(tmp_path / "other", seed=6)
+    assert (other_codec / "model.safetensors").read_bytes() != pairs[2][1].read_bytes()
 
 
 def test_sample_frame_is_batch_invariant(model: MossTTSRealtime):

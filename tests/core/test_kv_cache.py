@@ -95,3 +95,85 @@ def test_out_of_range_ids_raise_before_touching_the_cache(model: MossTTSRealtime
     with pytest.raises(ValueError, match="audio codes"):
         model.forward_rows([bad_code], [a], kv)
     assert kv.length(a) == 0
+
+
+def _seq_kv(kv: KVPool, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys/values of a sequence's rows, gathered through its block table."""
+    n, bs = kv.length(seq), kv.block_size
+    rows = torch.tensor([kv._tables[seq][i // bs] * bs + i % bs for i in range(n)], dtype=torch.long)
+    return kv.k[:, rows].clone(), kv.v[:, rows].clone()
+
+
+@pytest.mark.parametrize("length", [8, 10])  # on a block boundary, and inside a block
+def test_fork_equals_a_fresh_prefill(model: MossTTSRealtime, length: int):
+    """Prevents a shared voice prefix that changes what a conversation says: a forked prefix
+    plus new rows must give the hidden states of prefilling everything from scratch."""
+    kv = KVPool(model.config, num_blocks=16, block_size=4, dtype=torch.float32)
+    src = kv.new_sequence()
+    prefix, new = _rows(13, 10), _rows(5, 11)
+    model.forward_rows([prefix], [src], kv)
+    free = kv.rows_free
+    fork = kv.fork(src, length)
+    assert kv.length(fork) == length
+    assert kv.rows_free == free - (4 if length % 4 else 0)  # only a partial block is copied
+    got = model.forward_rows([new], [fork], kv)
+    fresh = kv.new_sequence()
+    expected = model.forward_rows([torch.cat([prefix[:length], new])], [fresh], kv)
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+def test_writing_to_a_fork_or_its_source_never_changes_the_other(model: MossTTSRealtime):
+    """Prevents one conversation corrupting another's cached voice prefix through a shared
+    block (appends, and appends after truncating into a shared block, are copy-on-write)."""
+    kv = KVPool(model.config, num_blocks=24, block_size=4, dtype=torch.float32)
+    src = kv.new_sequence()
+    model.forward_rows([_rows(8, 12)], [src], kv)
+    before = _seq_kv(kv, src)
+    fork = kv.fork(src, 8)
+    model.forward_rows([_rows(3, 13)], [fork], kv)
+    kv.truncate(fork, 6)  # now ends inside a block the source also holds
+    model.forward_rows([_rows(4, 14)], [fork], kv)
+    after = _seq_kv(kv, src)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    kv.truncate(src, 5)  # the source writes into a shared block: the fork keeps its rows
+    fork_before = _seq_kv(kv, fork)
+    model.forward_rows([_rows(2, 15)], [src], kv)
+    fork_after = _seq_kv(kv, fork)
+    assert torch.equal(fork_before[0], fork_after[0]) and torch.equal(fork_before[1], fork_after[1])
+
+
+def test_shared_blocks_return_to_the_pool_with_their_last_holder(model: MossTTSRealtime):
+    """Prevents leaked or double-freed blocks when forks and their source end in any order."""
+    kv = KVPool(model.config, num_blocks=8, block_size=4, dtype=torch.float32)
+    src = kv.new_sequence()
+    model.forward_rows([_rows(8, 16)], [src], kv)
+    a, b = kv.fork(src, 8), kv.fork(src, 4)
+    assert kv.rows_free == 24  # nothing copied: both forks end on a block boundary
+    kv.free(src)
+    assert kv.rows_free == 24  # a and b still hold the blocks
+    kv.truncate(a, 4)
+    assert kv.rows_free == 28  # block 2 of the prefix had only `a` left
+    kv.free(a)
+    assert kv.rows_free == 28  # block 1 is still b's
+    kv.free(b)
+    assert kv.rows_free == 32 and kv.sequences() == []
+    assert sorted(kv._free_blocks) == list(range(8))  # each block exactly once
+
+
+def test_fork_and_copy_on_write_raise_overflow_when_the_pool_is_full(model: MossTTSRealtime):
+    """Prevents a fork or a copy-on-write from silently sharing a block it should have copied
+    when no block is free: the typed error lets the engine evict and retry."""
+    kv = KVPool(model.config, num_blocks=3, block_size=4, dtype=torch.float32)
+    src = kv.new_sequence()
+    model.forward_rows([_rows(6, 17)], [src], kv)
+    a = kv.fork(src, 6)  # copies the partial block: the last free one
+    assert kv.rows_free == 0
+    with pytest.raises(ContextOverflowError, match="KV pool exhausted"):
+        kv.fork(src, 5)
+    b = kv.fork(src, 4)  # a full block needs no memory
+    kv.truncate(b, 2)
+    with pytest.raises(ContextOverflowError, match="KV pool exhausted"):
+        model.forward_rows([_rows(1, 18)], [b], kv)  # would have to copy the shared block
+    assert kv.length(b) == 2 and kv.length(a) == 6
+    with pytest.raises(ValueError):
+        kv.fork(src, 7)

@@ -13,7 +13,8 @@ import torch
 
 from core.model import SamplerBatch, SamplingParams
 from core.model.depth import FrameCache
-from core.model.sampling import _ALIGN, _TIE_MARGIN, _gumbel, _mul32
+from core.model.noise import gumbel, vocab_hash
+from core.model.sampling import _ALIGN, _TIE_MARGIN
 
 V = 1027
 FULL_SORT = 10**9  # fast_path_min_rows that no batch reaches
@@ -131,11 +132,11 @@ def test_candidate_probabilities_and_noise_are_bit_identical():
             full = asc.softmax(-1).cumsum(-1)[:, -block.shape[1] :]
             assert torch.equal(block.softmax(-1).cumsum(-1), full), (dtype, n)
         keys = torch.randint(0, 2**32, (6, 16), generator=gen)
-        id_hash = _mul32(torch.arange(V), 0x632BE5AB)
+        id_hash = vocab_hash(V, torch.device("cpu"))
         ids = torch.randint(0, V, (6, 45), generator=gen)
-        every = _gumbel(keys[:, :, None], id_hash, dtype)
+        every = gumbel(keys[:, :, None], id_hash, dtype)
         assert torch.equal(
-            _gumbel(keys[:, 5, None], id_hash[ids], dtype), every[:, 5].gather(1, ids)
+            gumbel(keys[:, 5, None], id_hash[ids], dtype), every[:, 5].gather(1, ids)
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.engine.scheduler import PlaybackClock, PrefillChunk, StreamDemand, plan_step
 
@@ -128,3 +130,48 @@ def test_overload_spreads_the_shortfall_instead_of_starving_one_stream():
     """Beyond capacity every stream slows equally (least-buffered first), none stops entirely."""
     frames, _, _ = _simulate(8, 2, 0.02, lead_s=0.5, seconds=2.0)
     assert min(frames) > 0 and max(frames) - min(frames) <= 1
+
+
+@st.composite
+def _demands(draw):
+    n = draw(st.integers(0, 12))
+    out = []
+    for sid in range(n):
+        kind = draw(st.sampled_from(["decode", "prefill", "lead", "idle"]))
+        buffered = draw(st.floats(-0.5, 2.0))
+        if kind == "decode":
+            out.append(StreamDemand(sid, decode=True, buffered_s=buffered))
+        elif kind in ("prefill", "lead"):
+            out.append(StreamDemand(sid, prefill_rows=draw(st.integers(1, 300)),
+                                    prefill_samples=kind == "lead", arrival=draw(st.floats(0, 5))))
+        else:
+            out.append(StreamDemand(sid))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(_demands(), st.integers(1, 8), st.integers(1, 256), st.sampled_from([None, 0.5, 1.0]))
+def test_plans_respect_budgets_and_serve_everyone_when_they_fit(demands, max_batch, chunk, lead):
+    """Whatever the mix, a tick never exceeds its budgets, never plans a stream twice or a
+    capped one, and when everything fits, nobody eligible is left out."""
+    plan = plan_step(demands, max_batch=max_batch, prefill_chunk=chunk, lead_s=lead)
+    by_sid = {d.sid: d for d in demands}
+    sids = list(plan.decode) + [c.sid for c in plan.prefill]
+    assert len(sids) == len(set(sids))
+    assert plan.frames <= max_batch
+    assert sum(c.rows for c in plan.prefill) <= chunk
+    for sid in plan.decode:
+        d = by_sid[sid]
+        assert d.decode and (lead is None or d.buffered_s < lead)
+    for c in plan.prefill:
+        d = by_sid[c.sid]
+        assert 0 < c.rows <= d.prefill_rows
+        assert c.samples == (d.prefill_samples and c.rows == d.prefill_rows)
+    eligible_decode = [d for d in demands if d.decode and (lead is None or d.buffered_s < lead)]
+    prefills = [d for d in demands if d.prefill_rows]
+    if (len(eligible_decode) + sum(d.prefill_samples for d in prefills) <= max_batch
+            and sum(d.prefill_rows for d in prefills) <= chunk):
+        assert sorted(plan.decode) == sorted(d.sid for d in eligible_decode)
+        assert {c.sid for c in plan.prefill} == {d.sid for d in prefills}
+    if plan.empty and any(d.decode for d in demands):
+        assert plan.wake_in_s is not None and plan.wake_in_s >= 0

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import CheckpointError
-from core.model import ModelConfig, MossTTSRealtime
-from core.model.weights import DUPLICATE_TEXT_EMBED
+from core.model import KVPool, ModelConfig, MossTTSRealtime, SamplerBatch, SamplingParams
+from core.model.weights import DUPLICATE_TEXT_EMBED, official_shapes, official_to_ours
 from core.tiny import write_tiny_model
 
 CONFORMANCE = Path(__file__).parents[2].parent / "shared" / "conformance"
@@ -103,6 +103,12 @@ def test_duplicate_text_table_is_optional(tmp_path: Path, tiny: Path):
     assert MossTTSRealtime.from_pretrained(path).config.hidden_size == 64
 
 
+def _sliding_from_layer_1(cfg: dict) -> None:
+    """Qwen3's older spelling of sliding-window layers (no `layer_types`)."""
+    del cfg["language_config"]["layer_types"]
+    cfg["language_config"].update(use_sliding_window=True, max_window_layers=1)
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
@@ -116,6 +122,11 @@ def test_duplicate_text_table_is_optional(tmp_path: Path, tiny: Path):
         (lambda c: c.pop("local_config"), "local_config"),
         (lambda c: c["language_config"].pop("rope_theta"), "language_config.rope_theta"),
         (lambda c: c["language_config"].update(rope_scaling={"rope_type": "yarn"}), "rope type"),
+        (
+            lambda c: c["language_config"].update(layer_types=["full_attention", "sliding"]),
+            "language_config.layer_types",
+        ),
+        (_sliding_from_layer_1, "language_config.use_sliding_window"),
     ],
 )
 def test_malformed_config_names_the_field(tmp_path: Path, tiny: Path, edit, field: str):
@@ -161,6 +172,46 @@ def test_both_rope_config_forms(tiny: Path):
     assert (scaled.rope_theta, scaled.rope_factor) == (1e4, 2.0)
 
 
+def test_config_defaults_follow_upstream(tiny: Path):
+    """Prevents building a different network than upstream from a config that leaves fields out:
+    a missing head_dim is Qwen3Config's 128 (not hidden // heads), and a sliding-window flag that
+    transformers would ignore (`max_window_layers` covers every layer) is accepted."""
+    cfg = json.loads((tiny / "config.json").read_text())
+    for section in ("language_config", "local_config"):
+        cfg[section].pop("head_dim")
+    cfg["language_config"].pop("layer_types")
+    cfg["language_config"].update(use_sliding_window=True, max_window_layers=2)
+    config = ModelConfig.from_dict(cfg)
+    assert config.backbone.head_dim == config.local.head_dim == 128
+    assert config.backbone.hidden_size // config.backbone.num_heads == 16  # the other reading
+
+
+def test_published_dimensions_map_the_published_inventory(tiny: Path):
+    """Prevents a loader that works on tiny dims but not on the published checkpoint: with the
+    real config values (Qwen3-1.7B backbone, 4-layer local, vocab 151936) our name map covers the
+    403 published tensors (2,331,940,864 stored params incl. the duplicate text table) and loads
+    strictly. Runs on the meta device: no memory is allocated."""
+    cfg = json.loads((tiny / "config.json").read_text())
+    dims = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    dims["intermediate_size"] = 6144
+    cfg["language_config"].update(dims, num_hidden_layers=28, vocab_size=151936)
+    cfg["language_config"]["layer_types"] = ["full_attention"] * 28
+    cfg["local_config"].update(dims, num_hidden_layers=4)
+    cfg.update(text_pad=151655, reference_audio_pad=151654)
+    config = ModelConfig.from_dict(cfg)
+    assert (config.backbone.rope_theta, config.local.rope_theta) == (1e6, 1e6)
+    shapes = official_shapes(config)
+    shapes[DUPLICATE_TEXT_EMBED] = shapes["embed_tokens.0.weight"]
+    assert len(shapes) == 403
+    assert sum(torch.Size(shape).numel() for shape in shapes.values()) == 2_331_940_864
+    tensors = {k: torch.empty(v, dtype=torch.bfloat16, device="meta") for k, v in shapes.items()}
+    state = official_to_ours(tensors, config, dtype=torch.bfloat16, device="meta")
+    with torch.device("meta"):
+        model = MossTTSRealtime(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == 2_020_775_936  # without the duplicate
+
+
 def test_sharded_checkpoint_loads(tmp_path: Path, tiny: Path):
     """Prevents failing on the sharded layout (`model.safetensors.index.json`) of big models."""
     tensors = load_file(tiny / "model.safetensors")
@@ -202,14 +253,33 @@ def test_hub_id_from_prefilled_cache_offline(tmp_path: Path, tiny: Path, monkeyp
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     model = MossTTSRealtime.from_pretrained("acme/tiny-moss", dtype=torch.float32)
     assert model.config.hidden_size == 64
-    with pytest.raises(CheckpointError, match="acme/not-there"):
+    with pytest.raises(CheckpointError, match=r"'acme/not-there' is not a local dir.*offline"):
         MossTTSRealtime.from_pretrained("acme/not-there")
+    with pytest.raises(CheckpointError, match="neither an existing directory nor a hub id"):
+        MossTTSRealtime.from_pretrained(tmp_path / "no" / "such" / "dir")
 
 
+@torch.inference_mode()
 def test_dtypes(tiny: Path):
-    """Prevents silently loading in a dtype the engine did not ask for (memory and speed)."""
+    """Prevents silently loading in a dtype the engine did not ask for (memory and speed), and a
+    half-precision model (bf16 is the deployment default) that loads but mixes dtypes in its
+    forward, KV cache or sampler: each dtype runs a prefill, a step and a frame close to fp32."""
+    rows = torch.randint(0, 1024, (9, 17), generator=torch.Generator().manual_seed(0))
+    rows[:, 0] %= 448
+    hidden = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = MossTTSRealtime.from_pretrained(tiny, dtype=dtype)
         assert {p.dtype for p in model.parameters()} == {dtype}
+        kv = KVPool(model.config, num_blocks=4, block_size=8, dtype=dtype)
+        seq = kv.new_sequence()
+        model.forward_rows([rows[:8]], [seq], kv)
+        hidden[dtype] = model.forward_rows([rows[8:]], [seq], kv)
+        assert hidden[dtype].dtype == dtype and hidden[dtype].shape == (1, 64)
+        sampler = SamplerBatch.from_params([SamplingParams(seed=0)])
+        codes = model.sample_frame(hidden[dtype], sampler)
+        assert codes.shape == (1, 16) and bool(((codes >= 0) & (codes < 1027)).all())
+    for dtype in (torch.bfloat16, torch.float16):
+        err = (hidden[dtype].float() - hidden[torch.float32]).abs().max().item()
+        assert err < 0.1, (dtype, err)
     with pytest.raises(ValueError, match="dtype"):
         MossTTSRealtime.from_pretrained(tiny, dtype=torch.int8)

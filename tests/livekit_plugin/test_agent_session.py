@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from livekit.agents import tts as lk_tts
 from livekit.agents.voice import Agent, SpeechHandle
@@ -194,6 +195,7 @@ def test_eight_sessions_in_threads_share_one_engine(engine) -> None:
         except BaseException as exc:  # reported below, on the test thread
             failures.append(exc)
 
+    before = engine.stats().conversations
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
@@ -203,6 +205,11 @@ def test_eight_sessions_in_threads_share_one_engine(engine) -> None:
     assert sorted(results) == list(range(8))
     for i, texts in results.items():
         assert texts == [f"Hello from room {i}", f"Reply number {i}."]
+    # every room gave its conversation back to the shared engine (closed on its own thread)
+    deadline = time.monotonic() + 10
+    while engine.stats().conversations != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().conversations == before and engine.stats().active_streams == 0
 
 
 async def test_preemptive_reply_speaks_after_the_final_transcript(engine) -> None:

@@ -170,6 +170,10 @@ def test_bad_options_raise_precise_errors(engine) -> None:
         TTS(engine=engine, frame_size_ms=0)
     with pytest.raises(TypeError):
         TTS(engine="not an engine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="voice file not found"):
+        TTS(engine=engine, voice="/no/such/voice.wav")
+    with pytest.raises(ValueError, match="voice file not found"):
+        TTS(engine=engine).update_options(voice="/no/such/voice.wav")
 
 
 def _reference_wave(seconds: float = 2.0) -> np.ndarray:

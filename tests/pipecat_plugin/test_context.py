@@ -93,6 +93,7 @@ async def test_eight_pipelines_share_one_engine(engine) -> None:
         )
         return tts, down, up
 
+    before = engine.stats().conversations
     results = await asyncio.gather(*(call(i) for i in range(8)))
     contexts = set()
     for tts, down, up in results:
@@ -103,3 +104,6 @@ async def test_eight_pipelines_share_one_engine(engine) -> None:
         contexts |= {f.context_id for f in audio}
         assert [t.role for t in tts.conversation.turns] == ["assistant"]
     assert len(contexts) == 8
+    # Every call gave its conversation and its stream back to the shared engine.
+    await wait_for(lambda: engine.stats().conversations == before)
+    assert engine.stats().active_streams == 0

@@ -34,6 +34,7 @@ async def test_phone_call_gets_8khz_mulaw_greeting(engine) -> None:
     messages for this stream, non-silent and as long as the reply the bot generated."""
     phone = load_example("pipecat_phone_bot")
     app = phone.create_app(engine)
+    conversations = engine.stats().conversations
     server, server_task, port = await serve(app)
     received: list[np.ndarray] = []
     sids: set[str] = set()
@@ -77,6 +78,9 @@ async def test_phone_call_gets_8khz_mulaw_greeting(engine) -> None:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+        # Hang-up (socket closed): the call's service and conversation are released.
+        await wait_for(lambda: not app.state.services, limit_s=10)
+        await wait_for(lambda: engine.stats().conversations == conversations, limit_s=5)
     finally:
         server.should_exit = True
         await server_task

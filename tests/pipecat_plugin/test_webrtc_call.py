@@ -19,6 +19,7 @@ async def test_webrtc_call_receives_the_greeting(engine, monkeypatch) -> None:
     # aioice leaves loopback out of its candidates; this machine may have nothing else.
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda *_a, **_k: ["127.0.0.1"])
     app = bot.create_app(engine, audio_in=False)  # receive-only client: no bot audio input
+    conversations = engine.stats().conversations
     server, server_task, port = await serve(app)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     received: list[np.ndarray] = []
@@ -55,6 +56,10 @@ async def test_webrtc_call_receives_the_greeting(engine, monkeypatch) -> None:
         settled = len(received) + 25  # 0.5 s more: a duplicated or looping reply would show
         await wait_for(lambda: len(received) >= settled, limit_s=5)
         voiced = _voiced_seconds(received)
+        await pc.close()
+        # The peer left: its bot ends and gives the conversation back to the engine.
+        await wait_for(lambda: not app.state.services, limit_s=10)
+        await wait_for(lambda: engine.stats().conversations == conversations, limit_s=5)
     finally:
         if reader is not None:
             reader.cancel()

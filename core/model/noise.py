@@ -1,0 +1,56 @@
+"""Counter-based Gumbel noise for the sampler: randomness as a pure function of its coordinates.
+
+A stateful generator would make a conversation's draws depend on which other conversations share
+its batch and where it sits in it. Here the noise of one draw is hash(seed, frame counter,
+codebook, vocab id): a chain of murmur3's 32-bit finaliser in exact int64 tensor arithmetic
+(the same bits on every device), computed where the logits are without a host sync. Gumbel-max,
+argmax(logits/T + Gumbel), samples softmax(logits/T) exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+M32 = 0xFFFFFFFF
+_SEED_MIX = 0x9E3779B9
+_ID_MUL = 0x632BE5AB
+
+
+def mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), exact in int64 (no signed overflow)."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) & 0xFFFF) * 65536) & M32
+
+
+def fmix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser: a bijective avalanche mix."""
+    h = h ^ (h >> 16)
+    h = mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def frame_keys(seed_lo: Tensor, seed_hi: Tensor, counter: Tensor, rvq: int) -> Tensor:
+    """Noise key [B, rvq] = hash(seed, frame counter, codebook) of each row's current frame.
+
+    seed_lo/seed_hi are the low/high 32 bits of each row's seed, counter its frame index [B].
+    """
+    key = fmix32(seed_lo ^ _SEED_MIX)
+    key = fmix32(key ^ seed_hi)
+    key = fmix32(key ^ (counter & M32))
+    key = fmix32(key ^ ((counter >> 32) & M32))
+    codebooks = torch.arange(rvq, device=counter.device, dtype=torch.int64)
+    return fmix32(key[:, None] ^ codebooks[None, :])
+
+
+def vocab_hash(vocab: int, device: torch.device) -> Tensor:
+    """mul32(vocab id, constant) for every id [V]: the per-id half of the noise hash."""
+    return mul32(torch.arange(vocab, device=device, dtype=torch.int64), _ID_MUL)
+
+
+def gumbel(keys: Tensor, id_hash: Tensor, dtype: torch.dtype) -> Tensor:
+    """Gumbel noise from hash(key, vocab id); keys broadcast against the pre-mixed ids."""
+    h = fmix32((keys + id_hash) & M32)
+    u = ((h >> 8).to(dtype) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
