@@ -208,7 +208,7 @@ class MossTTSService(TTSService):
         await self._shutdown()
         if self._owns_engine:
             self._owns_engine = False
-            self._engine.close()
+            await self._engine.aclose()  # joins the engine thread off the event loop
 
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from core.engine.prefix import PrefixEntry
-from core.engine.runner import RowWork, StepOutput
+from core.engine.runner import FrameAudio, RowWork, StepOutput
 from core.engine.turn import ActiveTurn, Phase
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class Executor:
 
     def _apply(self, work: Work, out: StepOutput) -> None:
         now = time.monotonic()
+        codes = out.codes.unbind(0)  # one view per sampled item, in one call
         j = 0
         for turn, w in work:
             self.worker.context(turn).kv_appended(w.rows)
@@ -79,16 +80,17 @@ class Executor:
             if w.slot is None:
                 continue
             assert isinstance(turn, ActiveTurn), "only turns sample frames"
-            codes, pcm = out.codes[j], out.pcm[j]
+            frame, audio = codes[j], out.audio[j]
             if out.logits is not None and self.trace_logits is not None:
                 self.trace_logits(turn.stream.turn_id, out.logits[j])
             j += 1
             if turn.phase is not Phase.DONE:
-                self.worker.per_stream(turn, lambda t=turn, c=codes, p=pcm: self._deliver(t, c, p, now))
+                self.worker.per_stream(
+                    turn, lambda t=turn, c=frame, a=audio: self._deliver(t, c, a, now))
 
-    def _deliver(self, turn: ActiveTurn, codes: torch.Tensor, pcm: torch.Tensor | None,
+    def _deliver(self, turn: ActiveTurn, codes: torch.Tensor, audio: FrameAudio | None,
                  now: float) -> None:
-        alive = turn.accept_frame(codes, pcm)
+        alive = turn.accept_frame(codes, audio)
         chunk = turn.take_chunk(now, final=not alive)
         if chunk is not None:
             if chunk.start_s == 0.0 and turn.lead_ready_at is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,12 +34,20 @@ class RowWork:
     slot: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class FrameAudio:
+    """One decoded frame as the stream delivers it: int16 PCM and its RMS (for word timings)."""
+
+    pcm16: bytes  # little-endian int16, 1920 samples
+    energy: float  # RMS of the float samples, computed in float64
+
+
 @dataclass(slots=True)
 class StepOutput:
     """Results for the sampled items of a tick, in the order of the sampled `RowWork`s."""
 
     codes: Tensor  # Long[S, 16] on CPU
-    pcm: list[Tensor | None]  # Float[1920] per sampled item, None for EOS / special codes
+    audio: list[FrameAudio | None]  # per sampled item, None for EOS / special codes
     logits: Tensor | None = None  # [S, 16, V] raw depth logits, only when asked for (tests)
 
 
@@ -47,6 +56,14 @@ class _SlotSnapshot:
     slots: Tensor
     sampler: dict[str, Tensor]
     codec_frames: Tensor
+
+
+def frame_audio(wave: np.ndarray) -> list[FrameAudio]:
+    """Float[N, 1920] -> one `FrameAudio` per row, converted for the whole tick at once (the
+    same elementwise int16 rounding and per-row float64 RMS a per-stream conversion gives)."""
+    pcm16 = (np.clip(wave, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    energy = np.sqrt(np.mean(np.square(wave.astype(np.float64)), axis=1)).tolist()
+    return [FrameAudio(row.tobytes(), e) for row, e in zip(pcm16, energy, strict=True)]
 
 
 class ModelRunner:
@@ -82,39 +99,40 @@ class ModelRunner:
         sel = [i for i, w in enumerate(work) if w.slot is not None]
         if not sel:
             return StepOutput(torch.zeros(0, self.rvq, dtype=torch.long), [])
-        slots = torch.tensor([work[i].slot for i in sel], dtype=torch.long)
+        slot_ids = [work[i].slot for i in sel]
+        slots = torch.tensor(slot_ids, dtype=torch.long)
         logits = None
         if want_logits:
             vocab = self.model.config.audio_vocab_size
             logits = torch.empty(len(sel), self.rvq, vocab, device=self.device,
                                  dtype=torch.promote_types(self.model.dtype, torch.float32))
-        codes = self.model.sample_frame(hidden[sel], self.sampler, slots=slots.to(self.device),
+        if len(sel) < len(work):
+            hidden = hidden[sel]
+        codes = self.model.sample_frame(hidden, self.sampler, slots=slots.to(self.device),
                                         logits_out=logits)
         codes_cpu = codes.cpu()
         valid = (codes_cpu < self.pad_code).all(dim=1)
-        pcm: list[Tensor | None] = [None] * len(sel)
-        if bool(valid.any()):
+        audio: list[FrameAudio | None] = [None] * len(sel)
+        if bool(valid.all()) and slot_ids == sorted(slot_ids):  # the usual tick: no reorder
+            wave = self.codec.decode_step(codes, slots, self.codec_state)
+            audio = list(frame_audio(wave.float().cpu().numpy()))
+        elif bool(valid.any()):
             idx = valid.nonzero().flatten()
             idx = idx[slots[idx].argsort()]  # ascending slots: the codec's contiguous fast path
             wave = self.codec.decode_step(codes[idx.to(codes.device)], slots[idx], self.codec_state)
-            wave = wave.float().cpu()
-            for j, i in enumerate(idx.tolist()):
-                pcm[i] = wave[j]
-        return StepOutput(codes_cpu, pcm, None if logits is None else logits.cpu())
+            for i, frame in zip(idx.tolist(), frame_audio(wave.float().cpu().numpy()), strict=True):
+                audio[i] = frame
+        return StepOutput(codes_cpu, audio, None if logits is None else logits.cpu())
 
     def snapshot(self, slots: list[int]) -> _SlotSnapshot:
-        """Per-slot state a failed tick may have advanced (sampler history/counters, codec
-        positions; ring caches are rewritten at the same positions on a retry)."""
+        """Per-slot state a failed tick may have advanced (what `SamplerBatch.commit` writes,
+        codec positions; ring caches are rewritten at the same positions on a retry)."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        size = self.sampler.size  # every per-row tensor (history, counters, params)
-        saved = {name: value.index_select(0, idx).clone()
-                 for name, value in vars(self.sampler).items()
-                 if isinstance(value, Tensor) and value.dim() and value.shape[0] == size}
         frames = self.codec_state.frames
-        return _SlotSnapshot(idx, saved, frames.index_select(0, idx.to(frames.device)).clone())
+        return _SlotSnapshot(idx, self.sampler.save_rows(idx),
+                             frames.index_select(0, idx.to(frames.device)))
 
     def restore(self, snap: _SlotSnapshot) -> None:
-        for name, value in snap.sampler.items():
-            getattr(self.sampler, name).index_copy_(0, snap.slots, value)
+        self.sampler.restore_rows(snap.slots, snap.sampler)
         frames = self.codec_state.frames
         frames.index_copy_(0, snap.slots.to(frames.device), snap.codec_frames)

@@ -14,7 +14,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +26,7 @@ from core.prompt import PromptBuilder
 from core.text import IncrementalTokenizer, encode_text
 
 if TYPE_CHECKING:
-    from core.timings import WordTiming
+    from core.engine.runner import FrameAudio
 
 TEXT_LEAD = 12  # text tokens prefilled before the first frame (BOS on the last of them)
 
@@ -77,7 +76,8 @@ class ActiveTurn:
         self.text_flushed = False
         self.has_speech = False  # a non-whitespace character arrived: the lead may start
         self.frames: list[Tensor] = []
-        self._pcm: list[np.ndarray] = []
+        self._pcm: list[bytes] = []  # int16 PCM of the frames not yet in a chunk
+        self._energy: list[float] = []  # and their RMS
         self.emitted_frames = 0
         self.words = TurnWords(FRAME_S)
         self.clock = PlaybackClock()
@@ -155,27 +155,29 @@ class ActiveTurn:
         self.rows_pending = rest if rest.shape[0] else None
         return rows
 
-    def step_row(self) -> Tensor:
-        """The next decode row: [next text id, or text pad after end_text; previous frame]."""
+    def next_text_id(self) -> int | None:
+        """Consume the text column of the next decode row (None: text pad, after end_text);
+        the row itself is built by `decode_rows` with the previous frame."""
         assert self.frames, "a decode step needs the previous frame"
         text_id = self.ids.popleft() if self.ids else None
         assert text_id is not None or self.text_flushed, "padding before end_text"
         if text_id is not None:
             self.fed_ids.append(text_id)
-        return self.builder.step_row(text_id, self.frames[-1])
+        return text_id
 
     # -- audio --------------------------------------------------------------------------------
     @property
     def pending_frames(self) -> int:
         return len(self.frames) - self.emitted_frames
 
-    def accept_frame(self, codes: Tensor, pcm: Tensor | None) -> bool:
+    def accept_frame(self, codes: Tensor, audio: FrameAudio | None) -> bool:
         """Record a sampled frame; False when it ends the turn (EOS or a special code)."""
         self.phase = Phase.DECODE
-        if pcm is None:
+        if audio is None:
             return False
         self.frames.append(codes)
-        self._pcm.append(pcm.numpy())
+        self._pcm.append(audio.pcm16)
+        self._energy.append(audio.energy)
         return len(self.frames) < self.config.max_frames_per_turn
 
     @property
@@ -192,27 +194,22 @@ class ActiveTurn:
         """A chunk when enough frames are pending (or the turn ended), else None."""
         if not final and self.pending_frames < self.chunk_due:
             return None
-        pcm = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
-        self._pcm.clear()
+        pcm = b"".join(self._pcm)
+        energies = self._energy
+        self._pcm, self._energy = [], []
         n = self.pending_frames
         start_s = self.emitted_frames * FRAME_S
         self.emitted_frames += n
-        words = self._released_words(pcm, n, final)
-        duration = len(pcm) / self.sample_rate
+        words = self.words.add_frames(energies) if energies else []
+        if final:
+            words += self.words.finish()
+        duration = len(pcm) / (2 * self.sample_rate)
         if duration > 0 and self.clock.deliver(now, duration, starved=self.starved):
             self.underruns += 1
         self.starved = False
         if self.first_chunk_at is None:
             self.first_chunk_at = now
-        return AudioChunk(_to_int16(pcm), self.sample_rate, start_s, duration, words, final)
-
-    def _released_words(self, pcm: np.ndarray, frames: int, final: bool) -> list[WordTiming]:
-        per_frame = pcm.reshape(frames, -1).astype(np.float64) if frames else pcm[:0]
-        energies = np.sqrt(np.mean(np.square(per_frame), axis=1)).tolist() if frames else []
-        words = self.words.add_frames(energies) if energies else []
-        if final:
-            words += self.words.finish()
-        return words
+        return AudioChunk(pcm, self.sample_rate, start_s, duration, words, final)
 
     # -- what the context keeps ---------------------------------------------------------------
     def heard(self, played_s: float | None) -> HeardTurn | None:
@@ -233,5 +230,14 @@ class ActiveTurn:
         return HeardTurn(text.rstrip(), text_ids, frames)
 
 
-def _to_int16(pcm: np.ndarray) -> bytes:
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+def decode_rows(builder: PromptBuilder, turns: list[ActiveTurn],
+                text_ids: list[int | None]) -> tuple[Tensor, ...]:
+    """This tick's decode rows, one [1, 17] view per turn: `PromptBuilder.step_row`'s layout
+    ([text id, or text pad for None; the turn's previous frame]) built for every stream at once
+    (a few tensor ops per tick instead of a few per stream). The frames are the model's own
+    accepted output and the ids the tokenizer's, so the per-row checks of `step_row` are moot."""
+    pad = builder.ids.text_pad
+    rows = torch.empty(len(turns), 1 + builder.rvq, dtype=torch.long)
+    rows[:, 0] = torch.tensor([pad if t is None else t for t in text_ids], dtype=torch.long)
+    rows[:, 1:] = torch.stack([turn.frames[-1] for turn in turns])
+    return rows.split(1)

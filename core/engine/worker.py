@@ -26,7 +26,7 @@ from core.engine.runner import ModelRunner, RowWork
 from core.engine.scheduler import plan_step
 from core.engine.slots import SlotTable
 from core.engine.stream import TurnStatus, TurnStream
-from core.engine.turn import TEXT_LEAD, ActiveTurn, Phase
+from core.engine.turn import TEXT_LEAD, ActiveTurn, Phase, decode_rows
 from core.errors import EngineClosed, MossError, StreamCancelled, StreamFailed
 from core.model import KVPool
 from core.prompt import PromptBuilder
@@ -210,10 +210,15 @@ class Worker:
             rows = turn.take_prefill(chunk.rows)
             slot = turn.lease.index if chunk.samples else None
             work.append((turn, RowWork(self._seq(turn), rows, slot)))
-        for sid in plan.decode:
+        turns, text_ids = [], []
+        for sid in plan.decode:  # text ids taken per stream (a broken turn fails alone) ...
             turn = self.active[sid]
-            row = self.per_stream(turn, turn.step_row)
-            if row is not None:
+            taken = self.per_stream(turn, lambda t=turn: (t.next_text_id(),))
+            if taken is not None:
+                turns.append(turn)
+                text_ids.append(taken[0])
+        if turns:  # ... and the rows built for all of them at once
+            for turn, row in zip(turns, decode_rows(self.builder, turns, text_ids), strict=True):
                 work.append((turn, RowWork(self._seq(turn), row, turn.lease.index)))
         if work:
             self.executor.run(work)

@@ -10,9 +10,11 @@ replace `PagedContext.attend` without touching anything else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from core.errors import ContextOverflowError
@@ -181,44 +183,51 @@ class KVPool:
     def plan(self, seq_ids: list[int], new_rows: list[int]) -> PagedContext:
         """Reserve space and build the attention plan for one varlen batch.
 
-        Lengths advance here; if the forward that uses the plan fails, `truncate` back.
+        Lengths advance here; if the forward that uses the plan fails, `truncate` back. Index
+        lists are built in Python and become tensors in one call each (a per-sequence tensor op
+        costs more than the whole list at these sizes); every layer reuses them.
         """
         self.reserve(seq_ids, new_rows)
         bs, dev = self.block_size, self.device
         starts = [self._lengths[s] for s in seq_ids]
         totals = [st + n for st, n in zip(starts, new_rows, strict=True)]
         max_new, max_total = max(new_rows), max(totals)
-        positions = torch.cat(
-            [torch.arange(st, st + n) for st, n in zip(starts, new_rows, strict=True)]
-        )
         batch = len(seq_ids)
-        # Physical row of every logical row of every sequence, padded with row 0.
         max_blocks = -(-max_total // bs)
-        tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
-        for i, s in enumerate(seq_ids):
-            blocks = self._tables[s][:max_blocks]
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        # Block table of every sequence, padded with block 0 (masked out).
+        table_rows = [self._tables[s][:max_blocks] for s in seq_ids]
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in table_rows],
+                              dtype=torch.int64)
+        # Physical row of every logical row of every sequence [B, S].
         logical = torch.arange(max_blocks * bs)
-        rows = (tables[:, logical // bs] * bs + logical % bs)[:, :max_total]  # [B, S]
-        seq_index = torch.cat([torch.full((n,), i) for i, n in enumerate(new_rows)])
-        slots = rows[seq_index, positions]  # physical row of each new token
-        # Query (i, j) is new row j of sequence i; padded queries sit at position 0 (never NaN).
-        q_pos = torch.zeros(batch, max_new, dtype=torch.int64)
-        for i, (st, n) in enumerate(zip(starts, new_rows, strict=True)):
-            q_pos[i, :n] = torch.arange(st, st + n)
-        q_index = torch.cat([torch.arange(n) + i * max_new for i, n in enumerate(new_rows)])
+        rows = (tables[:, logical // bs] * bs + logical % bs)[:, :max_total]
+        single = max_new == 1  # one new row per sequence: packed queries are the padded ones
+        if single:
+            positions_list, seq_index, q_pos_list, q_index = starts, list(range(batch)), starts, None
+        else:
+            positions_list = [p for st, n in zip(starts, new_rows, strict=True)
+                              for p in range(st, st + n)]
+            seq_index = [i for i, n in enumerate(new_rows) for _ in range(n)]
+            # Query (i, j) is new row j of sequence i; padded queries sit at position 0 (never NaN).
+            q_pos_list = [[st + j if j < n else 0 for j in range(max_new)]
+                          for st, n in zip(starts, new_rows, strict=True)]
+            q_index = [i * max_new + j for i, n in enumerate(new_rows) for j in range(n)]
+        positions = torch.tensor(positions_list, dtype=torch.int64)
+        slots = rows[torch.tensor(seq_index), positions]  # physical row of each new token
+        q_pos = torch.tensor(q_pos_list, dtype=torch.int64).view(batch, max_new)
         mask = torch.arange(max_total)[None, None, :] <= q_pos[:, :, None]  # causal, within length
         for s, total in zip(seq_ids, totals, strict=True):
             self._lengths[s] = total
+        last = list(itertools.accumulate(new_rows))
         return PagedContext(
             pool=self,
             positions=positions.to(dev),
             slots=slots.to(dev),
             rows=rows.to(dev),
             mask=mask[:, None].to(dev),
-            q_index=q_index.to(dev),
+            q_index=None if q_index is None else torch.tensor(q_index).to(dev),
             max_new=max_new,
-            last_index=(torch.tensor(new_rows).cumsum(0) - 1).to(dev),
+            last_index=(torch.tensor(last) - 1).to(dev),
         )
 
 
@@ -231,20 +240,49 @@ class PagedContext:
     slots: Tensor  # [N] physical pool row each new token is written to
     rows: Tensor  # [B, S] physical pool rows of each sequence's context (padded)
     mask: Tensor  # [B, 1, T, S] bool: query t may read key s
-    q_index: Tensor  # [N] flat padded query slot (b * T + t) of each new token
+    q_index: Tensor | None  # [N] flat padded query slot (b * T + t); None when T == 1 (identity)
     max_new: int  # T: the longest new-row run in the batch
     last_index: Tensor  # [B] packed index of each sequence's last new token
+    # CPU, built on the first layer and reused by the others: the additive float mask and, per
+    # query head, the flat (row, KV head) index that gathers keys already repeated for GQA.
+    _float_mask: Tensor | None = field(default=None, repr=False)
+    _head_rows: Tensor | None = field(default=None, repr=False)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         pool = self.pool
         pool.k[layer].index_copy_(0, self.slots, k.to(pool.k.dtype))
         pool.v[layer].index_copy_(0, self.slots, v.to(pool.v.dtype))
         batch, n_heads, head_dim = self.rows.shape[0], q.shape[1], q.shape[2]
-        # index_copy / index_select rather than boolean masks: no host sync on CUDA
-        qp = q.new_zeros(batch * self.max_new, n_heads, head_dim).index_copy_(0, self.q_index, q)
-        qp = qp.view(batch, self.max_new, n_heads, head_dim)
-        keys = pool.k[layer][self.rows].to(q.dtype).transpose(1, 2)  # [B, KV, S, hd]
-        values = pool.v[layer][self.rows].to(q.dtype).transpose(1, 2)
-        out = attention(qp.transpose(1, 2), keys, values, self.mask)
+        if self.q_index is None:  # T == 1: token b is query b already
+            qp = q.view(batch, 1, n_heads, head_dim)
+        else:  # index_copy / index_select rather than boolean masks: no host sync on CUDA
+            qp = q.new_zeros(batch * self.max_new, n_heads, head_dim)
+            qp = qp.index_copy_(0, self.q_index, q).view(batch, self.max_new, n_heads, head_dim)
+        if q.is_cuda:
+            keys = pool.k[layer][self.rows].to(q.dtype).transpose(1, 2)  # [B, KV, S, hd]
+            values = pool.v[layer][self.rows].to(q.dtype).transpose(1, 2)
+            out = attention(qp.transpose(1, 2), keys, values, self.mask)
+        else:
+            out = self._attend_cpu(layer, qp.transpose(1, 2))
         out = out.transpose(1, 2).reshape(batch * self.max_new, n_heads, head_dim)
-        return out.index_select(0, self.q_index)
+        return out if self.q_index is None else out.index_select(0, self.q_index)
+
+    def _attend_cpu(self, layer: int, q: Tensor) -> Tensor:
+        """SDPA over keys/values gathered straight into the query-head layout [B, H, S, hd]:
+        one index_select per tensor instead of a gather plus `repeat_kv`'s copy (same values,
+        same layout, so the same bits), and the bool mask made additive once, not per layer."""
+        pool = self.pool
+        batch, n_heads, _, head_dim = q.shape
+        seq = self.rows.shape[1]
+        if self._head_rows is None:
+            n_kv = pool.k.shape[2]
+            heads = torch.arange(n_heads, device=q.device) // (n_heads // n_kv)
+            self._head_rows = (self.rows[:, None, :] * n_kv + heads[None, :, None]).reshape(-1)
+            self._float_mask = torch.zeros(self.mask.shape, dtype=q.dtype, device=q.device)
+            self._float_mask.masked_fill_(~self.mask, float("-inf"))
+        shape = (batch, n_heads, seq, head_dim)
+        keys = pool.k[layer].view(-1, head_dim).index_select(0, self._head_rows).view(shape)
+        values = pool.v[layer].view(-1, head_dim).index_select(0, self._head_rows).view(shape)
+        return F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=self._float_mask
+        )

@@ -108,15 +108,16 @@ class MossTTSRealtime(nn.Module):
         if len(rows) != len(seq_ids) or not rows:
             raise ValueError(f"need one row block per sequence, got {len(rows)} for {len(seq_ids)}")
         for r in rows:
-            self._check_rows(r)
-        ctx = kv.plan(seq_ids, [r.shape[0] for r in rows])
+            self._check_shape(r)
         # Concatenate where the rows are (normally the CPU), so a batch costs one host-to-device
-        # copy in `embed_rows`, not one per sequence.
-        x = self.embed_rows(torch.cat([r.to(rows[0].device) for r in rows]))
+        # copy in `embed_rows`, not one per sequence, and one id range check.
+        packed = torch.cat([r.to(rows[0].device) for r in rows]) if len(rows) > 1 else rows[0]
+        self._check_ids(packed)
+        ctx = kv.plan(seq_ids, [r.shape[0] for r in rows])
+        x = self.embed_rows(packed)
         return self.backbone(x, ctx, all_rows=all_rows)
 
-    def _check_rows(self, rows: Tensor) -> None:
-        """Shape always; id ranges when the rows are on the CPU (no device sync on the hot path)."""
+    def _check_shape(self, rows: Tensor) -> None:
         cfg = self.config
         if rows.dim() != 2 or rows.shape[1] != cfg.row_width or rows.shape[0] == 0:
             raise ValueError(
@@ -124,6 +125,10 @@ class MossTTSRealtime(nn.Module):
             )
         if rows.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"rows must hold integer ids, got {rows.dtype}")
+
+    def _check_ids(self, rows: Tensor) -> None:
+        """Id ranges when the rows are on the CPU (no device sync on the hot path)."""
+        cfg = self.config
         if rows.device.type == "cpu" and rows.numel():
             text, codes = rows[:, 0], rows[:, 1:]
             if text.min() < 0 or text.max() >= cfg.text_vocab_size:

@@ -5,10 +5,14 @@ its batch and where it sits in it. Here the noise of one draw is hash(seed, fram
 codebook, vocab id): a chain of murmur3's 32-bit finaliser in exact int64 tensor arithmetic
 (the same bits on every device), computed where the logits are without a host sync. Gumbel-max,
 argmax(logits/T + Gumbel), samples softmax(logits/T) exactly.
+
+`gumbel_host` is the same function for the CPU sampler's numpy fast path: the hash in uint32
+numpy arithmetic (wrapping is the mod 2**32), the logarithms still torch's, so the bits match.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,3 +58,21 @@ def gumbel(keys: Tensor, id_hash: Tensor, dtype: torch.dtype) -> Tensor:
     h = fmix32((keys + id_hash) & M32)
     u = ((h >> 8).to(dtype) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(u))
+
+
+def _fmix32_host(h: np.ndarray) -> np.ndarray:
+    """`fmix32` on uint32 numpy arrays (multiplication wraps mod 2**32 by itself)."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def gumbel_host(keys: np.ndarray, id_hash: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`gumbel` for uint32 numpy keys/ids on the CPU: a few numpy calls instead of ~20 torch
+    ops per draw, bit-identical (integer hash, exact float steps, torch's log)."""
+    h = _fmix32_host(keys + id_hash)
+    u = ((h >> 8).astype(dtype) + dtype.type(0.5)) / dtype.type(1 << 24)
+    t = torch.from_numpy(u)
+    return torch.log(t).neg_().log_().neg_().numpy()

@@ -12,7 +12,10 @@ and frame counter, never on which other rows share the batch, and nothing syncs 
 
 CPU fast path (batches of >= 3 rows that all have top_k > 0): only the max(top_k) + margin best
 entries per row are selected, ordered, filtered and hashed, instead of sorting and hashing the
-whole vocab; every draw is bit-identical to the full sort (see `_filter_top`; tests pin it).
+whole vocab; every draw is bit-identical to the full sort (see `_filter_top`; tests pin it). It
+runs on numpy views of the CPU tensors (one numpy call costs ~1 us, one small torch op ~5 us,
+and a draw is some 40 small steps), keeping torch only where the bits depend on its kernels
+(softmax, cumsum, log).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.model.noise import M32, frame_keys, gumbel, vocab_hash
+from core.model.noise import M32, frame_keys, gumbel, gumbel_host, vocab_hash
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ _FAST_PATH_MIN_ROWS = 3
 class FrameDraw:
     """The rows' sampling state gathered once per frame, shared by its 16 codebook steps."""
 
-    history: Tensor  # [B, W, rvq] codes in the penalty window; V (no code) elsewhere
+    history: Tensor  # [B, A, rvq] codes in the penalty window; V (no code) elsewhere
     penalty: Tensor  # [B, 1]
     divisor: Tensor  # [B, 1] temperature (1 where greedy)
     greedy: Tensor  # [B] bool: temperature 0
@@ -86,6 +89,21 @@ class FrameDraw:
     width: int  # candidates the top-k fast path keeps; 0 = full sort (some row has top_k 0)
     noise: Tensor | None  # [B, rvq, V] for the full sort; None: the fast path hashes per draw
     any_greedy: bool  # some row has temperature 0 (always True off the CPU: no host read)
+    host: HostFrame | None = None  # numpy views for the CPU fast path (width > 0)
+
+
+@dataclass(slots=True)
+class HostFrame:
+    """The fast path's per-frame state as numpy arrays (CPU only; zero-copy where possible)."""
+
+    history: np.ndarray  # [B, A, rvq] int64, V where empty
+    penalty: np.ndarray  # [B, 1] logits dtype
+    divisor: np.ndarray  # [B, 1] logits dtype
+    top_k: np.ndarray  # [B, 1] int64
+    keys: np.ndarray  # [B, rvq] uint32
+    id_hash: np.ndarray  # [V] uint32
+    greedy: np.ndarray | None  # [B] bool, None when no row is greedy
+    rows: np.ndarray  # arange(B)[:, None], for fancy indexing
 
 
 class SamplerBatch:
@@ -117,6 +135,7 @@ class SamplerBatch:
         # top_k > 0); below it the full sort is as fast. Tests move it to force either path.
         self.fast_path_min_rows = _FAST_PATH_MIN_ROWS
         self._id_hash: Tensor | None = None
+        self._id_hash_host: np.ndarray | None = None
 
     @classmethod
     def from_params(
@@ -168,18 +187,16 @@ class SamplerBatch:
 
     def prepare(self, idx: Tensor, vocab: int, dtype: torch.dtype) -> FrameDraw:
         """Gather the rows' state once per frame (history window, params, noise keys)."""
-        w = self.max_window
         count = self.count[idx]
-        age = (count[:, None] - 1 - torch.arange(w, device=idx.device)[None, :]) % w
-        valid = age < torch.minimum(count, self.window[idx])[:, None]
+        history = self._window(idx, count, vocab)
         temp = self.temperature[idx]
         k_set = self.top_k[idx]
         k = torch.where(k_set > 0, k_set, vocab).clamp(1, vocab)
         keys, id_hash = self._keys(idx), self._vocab_hash(vocab)
         width = self._fast_width(k_set, vocab)
         greedy = temp == 0
-        return FrameDraw(
-            history=torch.where(valid[:, :, None], self.history[idx], vocab),
+        frame = FrameDraw(
+            history=history,
             penalty=self.penalty[idx][:, None].to(dtype),
             divisor=torch.where(temp > 0, temp, 1.0)[:, None].to(dtype),
             greedy=greedy,
@@ -191,6 +208,37 @@ class SamplerBatch:
             noise=None if width else gumbel(keys[:, :, None], id_hash, dtype),
             any_greedy=idx.device.type != "cpu" or bool(greedy.any()),
         )
+        if width:  # only ever on the CPU (see `_fast_width`)
+            if self._id_hash_host is None or self._id_hash_host.shape[0] != vocab:
+                self._id_hash_host = id_hash.numpy().astype(np.uint32)
+            frame.host = HostFrame(
+                history=frame.history.numpy(),
+                penalty=frame.penalty.numpy(),
+                divisor=frame.divisor.numpy(),
+                top_k=frame.top_k.numpy(),
+                keys=keys.numpy().astype(np.uint32),
+                id_hash=self._id_hash_host,
+                greedy=greedy.numpy() if frame.any_greedy else None,
+                rows=np.arange(idx.shape[0])[:, None],
+            )
+        return frame
+
+    def _window(self, idx: Tensor, count: Tensor, vocab: int) -> Tensor:
+        """The rows' penalty windows [B, A, rvq], id V where a row has fewer frames.
+
+        On the CPU only the A = max(min(count, window)) most recent frames are gathered (reading
+        the max is free there), not the whole ring: the penalty scatters the same (row, id)
+        pairs either way. Elsewhere the whole ring, so nothing waits for the host.
+        """
+        w = self.max_window
+        n = torch.minimum(count, self.window[idx])
+        if idx.device.type == "cpu":
+            ages = torch.arange(max(1, int(n.max())) if n.numel() else 1)
+            pos = (count[:, None] - 1 - ages[None, :]) % w
+            return torch.where((ages[None, :] < n[:, None])[:, :, None],
+                               self.history[idx[:, None], pos], vocab)
+        age = (count[:, None] - 1 - torch.arange(w, device=idx.device)[None, :]) % w
+        return torch.where((age < n[:, None])[:, :, None], self.history[idx], vocab)
 
     def _fast_width(self, k_set: Tensor, vocab: int) -> int:
         """Candidates for the top-k fast path, or 0 for the full sort.
@@ -245,31 +293,44 @@ class SamplerBatch:
         Returns the same ascending filtered values and vocab ids as the tail of the full sort,
         front-padded with -inf to a length aligned with the vocab (see `_ALIGN`).
         """
-        vocab, width = logits.shape[1], frame.width
         scaled = (logits / frame.divisor).detach().contiguous().numpy()
-        # The `width` largest per row (numpy's introselect: ~3x faster than torch.topk), put in
-        # the full path's order: ascending value, ties by ascending vocab id (stable sort).
-        # numpy only moves values here (no arithmetic), so they stay bit-exact.
-        pick = np.argpartition(scaled, vocab - width, axis=1)[:, vocab - width :]
-        pick.sort(axis=1)
-        vals = np.take_along_axis(scaled, pick, axis=1)
-        order = np.argsort(vals, axis=1, kind="stable")
-        pad = (vocab - width) % _ALIGN  # -inf in front: the block length aligns with the vocab
-        asc_np = np.full((scaled.shape[0], pad + width), -np.inf, dtype=scaled.dtype)
-        ids_np = np.zeros((scaled.shape[0], pad + width), dtype=np.int64)
-        asc_np[:, pad:] = np.take_along_axis(vals, order, axis=1)
-        ids_np[:, pad:] = np.take_along_axis(pick, order, axis=1)
-        asc, ids = torch.from_numpy(asc_np), torch.from_numpy(ids_np)
-        kth = asc.gather(1, pad + width - frame.top_k)
-        if bool((asc[:, pad : pad + 1] >= kth).any()):  # ties with the k-th may run past width
+        rows = np.arange(scaled.shape[0])[:, None]
+        top = _top_host(scaled, frame.width, frame.top_k.numpy(), frame.one_minus_top_p, rows)
+        return None if top is None else (torch.from_numpy(top[0]), torch.from_numpy(top[1]))
+
+    @staticmethod
+    def _draw_host(logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor | None:
+        """`draw` on the fast path in numpy (same steps, same bits); None when it cannot serve
+        this step (ties past the candidates, or logits of another dtype than prepared)."""
+        host = frame.host
+        x = logits.detach().contiguous().numpy()
+        if host is None or x.dtype != host.penalty.dtype:
             return None
-        asc = asc.masked_fill(asc < kth, float("-inf"))
-        remove = asc.softmax(dim=-1).cumsum(dim=-1) <= frame.one_minus_top_p
-        remove[:, -1] = False  # the maximum always stays
-        return asc.masked_fill(remove, float("-inf")), ids
+        batch, vocab = x.shape
+        # Repetition penalty: the window's ids gathered and scattered back (id V = scratch).
+        pen = np.empty((batch, vocab + 1), dtype=x.dtype)
+        pen[:, :vocab] = x
+        pen[:, vocab] = 0
+        rows = host.rows
+        hist = host.history[:, :, codebook]
+        cur = pen[rows, hist]
+        p = host.penalty
+        pen[rows, hist] = np.where(cur < 0, cur * p, cur / p)  # duplicates: same value
+        pen = pen[:, :vocab]
+        top = _top_host(pen / host.divisor, frame.width, host.top_k, frame.one_minus_top_p, rows)
+        if top is None:
+            return None
+        asc, ids = top
+        noise = gumbel_host(host.keys[:, codebook, None], host.id_hash[ids], x.dtype)
+        sampled = ids[rows[:, 0], np.argmax(asc + noise, axis=1)]
+        if host.greedy is not None:
+            sampled = np.where(host.greedy, pen.argmax(axis=1), sampled)
+        return torch.from_numpy(sampled)
 
     def draw(self, logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor:
         """logits [B, V] (fp32 or fp64) of one codebook -> codes [B] (the hot path)."""
+        if frame.host is not None and (codes := self._draw_host(logits, codebook, frame)) is not None:
+            return codes
         logits = self._penalize(logits, codebook, frame)
         top = self._filter_top(logits, frame) if frame.width else None
         asc, ids = top if top is not None else self._filter_sorted(logits, frame)
@@ -296,9 +357,50 @@ class SamplerBatch:
         asc, order = self._filter_sorted(self._penalize(logits, codebook, frame), frame)
         return torch.empty_like(asc).scatter_(1, order, asc)
 
+    def save_rows(self, idx: Tensor) -> dict[str, Tensor]:
+        """What `commit` will change for rows `idx` (counters and the history entries at their
+        write positions), so a failed step can be undone with `restore_rows`."""
+        pos = self.count[idx] % self.max_window
+        return {"count": self.count[idx], "counter": self.counter[idx], "pos": pos,
+                "frame": self.history[idx, pos]}
+
+    def restore_rows(self, idx: Tensor, saved: dict[str, Tensor]) -> None:
+        self.history[idx, saved["pos"]] = saved["frame"]
+        self.count[idx] = saved["count"]
+        self.counter[idx] = saved["counter"]
+
     def commit(self, codes: Tensor, idx: Tensor) -> None:
         """Record one frame per row (codes [B, 16]) in the history and advance the counters."""
         pos = self.count[idx] % self.max_window
         self.history[idx, pos] = codes.to(self.history.device)
         self.count[idx] += 1
         self.counter[idx] += 1
+
+
+def _top_host(
+    scaled: np.ndarray, width: int, top_k: np.ndarray, one_minus_top_p: Tensor, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Top-k and top-p over the `width` best entries of `scaled` [B, V] (see `_filter_top`);
+    `rows` is arange(B)[:, None] (fancy indexing: cheaper than take_along_axis)."""
+    batch, vocab = scaled.shape
+    # The `width` largest per row (numpy's introselect: ~3x faster than torch.topk), put in the
+    # full path's order: ascending value, ties by ascending vocab id (stable sort). numpy only
+    # moves and compares values here (no arithmetic), so they stay bit-exact.
+    pick = np.argpartition(scaled, vocab - width, axis=1)[:, vocab - width :]
+    pick.sort(axis=1)
+    vals = scaled[rows, pick]
+    order = np.argsort(vals, axis=1, kind="stable")
+    pad = (vocab - width) % _ALIGN  # -inf in front: the block length aligns with the vocab
+    asc = np.full((batch, pad + width), -np.inf, dtype=scaled.dtype)
+    ids = np.zeros((batch, pad + width), dtype=np.int64)
+    asc[:, pad:] = vals[rows, order]
+    ids[:, pad:] = pick[rows, order]
+    kth = asc[rows, pad + width - top_k]
+    if bool((asc[:, pad : pad + 1] >= kth).any()):  # ties with the k-th may run past width
+        return None
+    asc[asc < kth] = -np.inf
+    # softmax and cumsum stay torch's: their bits depend on its CPU reduction (see `_ALIGN`)
+    remove = (torch.from_numpy(asc).softmax(dim=-1).cumsum(dim=-1) <= one_minus_top_p).numpy()
+    remove[:, -1] = False  # the maximum always stays
+    asc[remove] = -np.inf
+    return asc, ids

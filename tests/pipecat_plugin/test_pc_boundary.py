@@ -208,7 +208,9 @@ async def test_interruption_after_generation_finished_cuts_to_what_was_played(en
         await worker.queue_frame(EndFrame())
 
     await run_pipeline([tts, speaker], driver, sample_rate=SR)
-    assert marks["pushed"] > marks["heard"] + 0.5, "still playing when interrupted"
+    # The tiny model generates several times faster than real time, so the reply must have been
+    # handed over well ahead of playback; otherwise this test did not test its scenario.
+    assert marks["pushed"] >= marks["heard"] + 0.3, ("generation did not run ahead", marks)
     assert len(tts.conversation.turns) == 1
     await wait_for(lambda: tts.conversation.turns[0].frames * FRAME_S <= marks["heard"] + FRAME_S)
     turn = tts.conversation.turns[0]
@@ -286,3 +288,13 @@ async def test_no_free_conversation_is_a_precise_error(engine) -> None:
     tts = MossTTSService(engine=engine)
     down, up = await run_test(tts, frames_to_send=llm_turn("Hello."))
     assert audio_frames(down) and not _errors(up)
+
+
+async def test_service_built_from_paths_owns_and_closes_its_engine(tiny_dirs) -> None:
+    """`MossTTSService(model=..., codec=...)` must speak and, when the pipeline ends, stop the
+    engine it built (its thread and memory), without blocking the event loop."""
+    model_dir, codec_dir = tiny_dirs
+    tts = MossTTSService(model=str(model_dir), codec=str(codec_dir))
+    down, up = await run_test(tts, frames_to_send=llm_turn("Hello", " there."))
+    assert audio_frames(down) and not _errors(up)
+    assert tts.engine.closed
