@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 
 import pytest
 import torch
@@ -22,9 +21,9 @@ TEXT = "Hello there, this is a shared voice speaking."
 def parts(tiny_dirs):
     """Tiny model in float64 (so a different prefill split can never flip a sampled code)."""
     model_dir, codec_dir = tiny_dirs
-    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32)
+    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32).to(torch.float64)
     codec = MossAudioCodec.from_pretrained(codec_dir)
-    return copy.deepcopy(model).to(torch.float64), codec, load_tokenizer(model_dir)
+    return model, codec, load_tokenizer(model_dir)
 
 
 def make_engine(parts, **overrides) -> Engine:
