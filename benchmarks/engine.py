@@ -14,10 +14,11 @@
   engine had the 12 stable ids to the first chunk. An underrun is a chunk that arrives after a
   listener who started playing at the first chunk ran dry.
 
-Warm-up turns are excluded; each measurement is repeated (`--repeat`) and the best run kept,
-which filters out other processes on a shared machine (all runs are in the JSON). Prints a table
-and one JSON line. `--dims real` builds the published
-model and codec dimensions with random weights in memory (no download; the tiny tokenizer and
+Warm-up turns are excluded. Capacity runs `--repeat` interleaved rounds (every N once per
+round, so a ratio never compares two moments of a shared machine) and reports medians: frames/s
+and "x single", the median of each round's ratio to the first N. Latency keeps the repeat with the
+lowest p95. Every run is in the JSON. Prints a table and one JSON line. `--dims real` builds the
+published model and codec dimensions with random weights in memory (no download; the tiny tokenizer and
 text vocabulary stand in for Qwen's, which changes only the size of one embedding table).
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -64,8 +66,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-async def capacity(engine: Engine, n: int, frames: int, device: str, repeat: int) -> dict:
-    """All text at once, no lead cap: aggregate frames per second (best of `repeat`)."""
+async def capacity_round(
+    engine: Engine, n: int, device: str, *, seed: int = 0
+) -> tuple[int, float]:
+    """All text at once, no lead cap: (frames, wall seconds) of n turns run together."""
 
     async def one(i: int) -> int:
         conv = engine.conversation(sampling=SamplingParams(seed=i))
@@ -78,17 +82,39 @@ async def capacity(engine: Engine, n: int, frames: int, device: str, repeat: int
         conv.close()
         return count
 
-    await asyncio.gather(*(one(1000 + i) for i in range(min(n, 4))))  # warm-up
-    runs = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(i) for i in range(n)))
-        _sync(device)
-        runs.append((sum(counts), time.perf_counter() - t0))
-    total, wall = max(runs, key=lambda r: r[0] / r[1])
-    return {"frames": total, "wall_s": wall, "fps": total / wall, "frames_per_stream": total / n,
-            "frames_cap": frames, "fps_all": [f / w for f, w in runs]}
+    _sync(device)
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(seed + i) for i in range(n)))
+    _sync(device)
+    return sum(counts), time.perf_counter() - t0
+
+
+def capacities(args: argparse.Namespace, tmp: Path) -> dict[int, dict]:
+    """Capacity of every N, measured in interleaved rounds (N = 1, 16, ..., then again).
+
+    On a shared machine the speed drifts over minutes; a ratio of two runs taken minutes
+    apart measures that drift as much as the engine. Each round runs every N back to back, the
+    ratio to N = streams[0] is taken within the round, and medians over rounds are reported.
+    """
+    engines = {n: build_engine(args, tmp, n, paced=False) for n in args.streams}
+    runs: dict[int, list[tuple[int, float]]] = {n: [] for n in args.streams}
+    try:
+        for n, engine in engines.items():  # warm-up
+            asyncio.run(capacity_round(engine, min(n, 4), args.device, seed=1000))
+        for _ in range(args.repeat):
+            for n, engine in engines.items():
+                runs[n].append(asyncio.run(capacity_round(engine, n, args.device)))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    base = [f / w for f, w in runs[args.streams[0]]]
+    out = {}
+    for n, rounds in runs.items():
+        fps = [f / w for f, w in rounds]
+        out[n] = {"fps": statistics.median(fps), "fps_all": fps,
+                  "x_single": statistics.median(a / b for a, b in zip(fps, base, strict=True)),
+                  "frames_per_stream": rounds[0][0] / n, "frames_cap": args.frames}
+    return out
 
 
 async def latency(engine: Engine, n: int, stagger_s: float, repeat: int) -> dict:
@@ -177,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", choices=["tiny", "real"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--frames", type=int, default=120, help="frame cap per turn (capacity)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="timed repeats per N; best kept (the CPU may be shared)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="capacity: interleaved rounds (medians); paced: repeats (best p95)")
     parser.add_argument("--stagger", type=float, default=1.0, help="paced: start spread (s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
@@ -190,12 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         args.tiny_dirs = write_tiny(tmp)
         if args.dims == "real":
             _prepare_real(args)
+        caps = capacities(args, Path(tmp))
         for n in args.streams:
-            engine = build_engine(args, Path(tmp), n, paced=False)
-            try:
-                cap = asyncio.run(capacity(engine, n, args.frames, args.device, args.repeat))
-            finally:
-                engine.close()
+            cap = caps[n]
             engine = build_engine(args, Path(tmp), n, paced=True)
             try:
                 lat = asyncio.run(latency(engine, n, args.stagger, args.repeat))
@@ -204,15 +227,15 @@ def main(argv: list[str] | None = None) -> None:
                 engine.close()
             rows.append({"streams": n, **cap, **lat})
             print(f"N={n:3d}  capacity {cap['fps']:8.1f} frames/s ({cap['fps'] / 12.5:6.1f} x real "
-                  f"time)  paced first audio p50 {lat['ttfa_p50_ms']:7.1f} ms  p95 "
-                  f"{lat['ttfa_p95_ms']:7.1f} ms  underruns {lat['underruns']} "
-                  f"({lat['streams_with_underruns']} streams)", flush=True)
+                  f"time, {cap['x_single']:.2f} x single)  paced first audio p50 "
+                  f"{lat['ttfa_p50_ms']:7.1f} ms  p95 {lat['ttfa_p95_ms']:7.1f} ms  underruns "
+                  f"{lat['underruns']} ({lat['streams_with_underruns']} streams)", flush=True)
     base = rows[0]
     print()
     print(f"{'N':>4} {'frames/s':>10} {'x single':>9} {'x realtime':>10} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'p95 x single':>12} {'engine p95':>10} {'underruns':>9}")
     for r in rows:
-        print(f"{r['streams']:>4} {r['fps']:>10.1f} {r['fps'] / base['fps']:>9.2f} "
+        print(f"{r['streams']:>4} {r['fps']:>10.1f} {r['x_single']:>9.2f} "
               f"{r['fps'] / 12.5:>10.1f} {r['ttfa_p50_ms']:>8.1f} {r['ttfa_p95_ms']:>8.1f} "
               f"{r['ttfa_p95_ms'] / base['ttfa_p95_ms']:>12.2f} "
               f"{r['engine_ttfa_p95_ms']:>10.1f} {r['underruns']:>9}")

@@ -15,16 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.model.config import ModelConfig
-from core.model.layers import Block, RMSNorm, attention, rope_cos_sin
+from core.model.layers import Block, RMSNorm, rope_cos_sin
 
 
 class FrameCache:
-    """Frame-local KV cache; position i is written at step i.
+    """Frame-local KV cache [layers, B, KV, 16, hd]; position i is written at step i.
 
-    On the CPU the keys/values are stored already repeated to the query heads
-    ([layers, B, H, 16, hd]): each step writes its one new position n_rep times instead of
-    `repeat_kv` copying the whole prefix again in every layer of every step. Elsewhere they stay
-    grouped ([layers, B, KV, 16, hd]) for SDPA's native GQA.
+    Attention folds the query heads that share a KV head into extra query rows ([B, KV, n_rep,
+    hd] against [B, KV, i+1, hd]): keys are read in place, never repeated per head.
     """
 
     def __init__(
@@ -36,30 +34,23 @@ class FrameCache:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
-        n_heads: int | None = None,
     ) -> None:
-        n_heads = n_heads or n_kv
-        self.expanded = torch.device(device).type == "cpu" and n_heads != n_kv
-        self.n_rep = n_heads // n_kv if self.expanded else 1
-        heads = n_heads if self.expanded else n_kv
-        self.k = torch.empty(layers, batch, heads, steps, head_dim, device=device, dtype=dtype)
+        self.k = torch.empty(layers, batch, n_kv, steps, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.step = 0
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         i = self.step
-        if not self.expanded:
-            self.k[layer, :, :, i] = k
-            self.v[layer, :, :, i] = v
-            keys, values = self.k[layer, :, :, : i + 1], self.v[layer, :, :, : i + 1]
-            # one query that may see every earlier position: no mask needed
-            return attention(q[:, :, None], keys, values)[:, :, 0]
-        batch, n_kv, steps, head_dim = k.shape[0], k.shape[1], self.k.shape[3], k.shape[2]
-        grouped = (batch, n_kv, self.n_rep, steps, head_dim)  # query head h reads KV h // n_rep
-        self.k[layer].view(grouped)[:, :, :, i] = k[:, :, None]
-        self.v[layer].view(grouped)[:, :, :, i] = v[:, :, None]
+        self.k[layer, :, :, i] = k
+        self.v[layer, :, :, i] = v
+        batch, n_heads, head_dim = q.shape
+        n_kv = k.shape[1]
         keys, values = self.k[layer, :, :, : i + 1], self.v[layer, :, :, : i + 1]
-        return F.scaled_dot_product_attention(q[:, :, None], keys, values)[:, :, 0]
+        # every query may see every earlier position: no mask needed
+        out = F.scaled_dot_product_attention(
+            q.view(batch, n_kv, n_heads // n_kv, head_dim), keys, values
+        )
+        return out.view(batch, n_heads, head_dim)
 
 
 # sample(logits [B, V] fp32, codebook) -> codes [B]
@@ -113,7 +104,6 @@ class Depth(nn.Module):
             tc.head_dim,
             hidden.device,
             hidden.dtype,
-            n_heads=tc.num_heads,
         )
         rope = self._rope_steps(hidden.device, hidden.dtype)
         codes = torch.empty(batch, self.rvq, dtype=torch.long, device=hidden.device)

@@ -228,6 +228,7 @@ class KVPool:
             q_index=None if q_index is None else torch.tensor(q_index).to(dev),
             max_new=max_new,
             last_index=(torch.tensor(last) - 1).to(dev),
+            blocks=tables.to(dev),
         )
 
 
@@ -243,10 +244,10 @@ class PagedContext:
     q_index: Tensor | None  # [N] flat padded query slot (b * T + t); None when T == 1 (identity)
     max_new: int  # T: the longest new-row run in the batch
     last_index: Tensor  # [B] packed index of each sequence's last new token
-    # CPU, built on the first layer and reused by the others: the additive float mask and, per
-    # query head, the flat (row, KV head) index that gathers keys already repeated for GQA.
+    blocks: Tensor  # [B, S / block_size] block table of each sequence (padded with block 0)
+    # CPU, built on the first layer and reused by the others: the additive float mask, its rows
+    # repeated for the query heads that share a KV head.
     _float_mask: Tensor | None = field(default=None, repr=False)
-    _head_rows: Tensor | None = field(default=None, repr=False)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         pool = self.pool
@@ -259,8 +260,7 @@ class PagedContext:
             qp = q.new_zeros(batch * self.max_new, n_heads, head_dim)
             qp = qp.index_copy_(0, self.q_index, q).view(batch, self.max_new, n_heads, head_dim)
         if q.is_cuda:
-            keys = pool.k[layer][self.rows].to(q.dtype).transpose(1, 2)  # [B, KV, S, hd]
-            values = pool.v[layer][self.rows].to(q.dtype).transpose(1, 2)
+            keys, values = self._gather(pool.k[layer], q.dtype), self._gather(pool.v[layer], q.dtype)
             out = attention(qp.transpose(1, 2), keys, values, self.mask)
         else:
             out = self._attend_cpu(layer, qp.transpose(1, 2))
@@ -268,21 +268,29 @@ class PagedContext:
         return out if self.q_index is None else out.index_select(0, self.q_index)
 
     def _attend_cpu(self, layer: int, q: Tensor) -> Tensor:
-        """SDPA over keys/values gathered straight into the query-head layout [B, H, S, hd]:
-        one index_select per tensor instead of a gather plus `repeat_kv`'s copy (same values,
-        same layout, so the same bits), and the bool mask made additive once, not per layer."""
+        """SDPA over whole blocks gathered once per tensor, each KV head's query heads side by
+        side as extra query rows (the GQA fold): no per-row index and no `repeat_kv` copy, and
+        the bool mask made additive once, not per layer. q [B, H, T, hd] -> [B, H, T, hd]."""
         pool = self.pool
-        batch, n_heads, _, head_dim = q.shape
-        seq = self.rows.shape[1]
-        if self._head_rows is None:
-            n_kv = pool.k.shape[2]
-            heads = torch.arange(n_heads, device=q.device) // (n_heads // n_kv)
-            self._head_rows = (self.rows[:, None, :] * n_kv + heads[None, :, None]).reshape(-1)
-            self._float_mask = torch.zeros(self.mask.shape, dtype=q.dtype, device=q.device)
-            self._float_mask.masked_fill_(~self.mask, float("-inf"))
-        shape = (batch, n_heads, seq, head_dim)
-        keys = pool.k[layer].view(-1, head_dim).index_select(0, self._head_rows).view(shape)
-        values = pool.v[layer].view(-1, head_dim).index_select(0, self._head_rows).view(shape)
-        return F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=self._float_mask
+        batch, n_heads, t, head_dim = q.shape
+        n_rep = n_heads // pool.n_kv
+        if self._float_mask is None:
+            mask = torch.zeros(self.mask.shape, dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~self.mask, float("-inf"))
+            # [B, 1, T, S] -> [B, 1, n_rep * T, S]; one row already serves all heads when T == 1
+            self._float_mask = mask.repeat(1, 1, n_rep, 1) if t > 1 else mask
+        grouped = q.reshape(batch, pool.n_kv, n_rep * t, head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, self._gather(pool.k[layer], q.dtype), self._gather(pool.v[layer], q.dtype),
+            attn_mask=self._float_mask,
         )
+        return out.view(batch, n_heads, t, head_dim)
+
+    def _gather(self, store: Tensor, dtype: torch.dtype) -> Tensor:
+        """One layer's pool [rows, KV, hd] -> each sequence's context [B, KV, S, hd]."""
+        pool = self.pool
+        batch, seq = self.rows.shape
+        blocks = store.view(-1, pool.block_size, pool.n_kv, pool.head_dim)
+        picked = blocks.index_select(0, self.blocks.view(-1)).view(batch, -1, pool.n_kv,
+                                                                  pool.head_dim)
+        return picked[:, :seq].transpose(1, 2).to(dtype)

@@ -97,6 +97,32 @@ def test_out_of_range_ids_raise_before_touching_the_cache(model: MossTTSRealtime
     assert kv.length(a) == 0
 
 
+def test_varlen_batch_equals_each_sequence_alone(model: MossTTSRealtime):
+    """Prevents one conversation's rows from leaking into another's attention (or its grouped
+    query heads reading the wrong KV head): a batch mixing prefill chunks of different lengths,
+    1-row decode steps and sequences whose blocks are scattered over the pool gives every
+    sequence exactly the hidden states it gets alone (float64, so only a bug can differ)."""
+    double = MossTTSRealtime(model.config).double()
+    double.load_state_dict({k: v.double() for k, v in model.state_dict().items()}, assign=True)
+    histories = [_rows(n, 20 + n) for n in (0, 3, 9, 14)]
+    news = [_rows(n, 40 + n) for n in (7, 1, 5, 1)]
+    together = KVPool(double.config, num_blocks=24, block_size=4, dtype=torch.float64)
+    seqs = [together.new_sequence() for _ in histories]
+    for step in range(14):  # interleaved prefill: each sequence's blocks land all over the pool
+        for seq, history in zip(seqs, histories, strict=True):
+            if step < len(history):
+                double.forward_rows([history[step : step + 1]], [seq], together)
+    got = double.forward_rows(news, seqs, together, all_rows=True)
+    alone = KVPool(double.config, num_blocks=24, block_size=4, dtype=torch.float64)
+    expected = []
+    for history, new in zip(histories, news, strict=True):
+        seq = alone.new_sequence()
+        if len(history):
+            double.forward_rows([history], [seq], alone)
+        expected.append(double.forward_rows([new], [seq], alone, all_rows=True))
+    assert (got - torch.cat(expected)).abs().max().item() < 1e-12
+
+
 def _seq_kv(kv: KVPool, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys/values of a sequence's rows, gathered through its block table."""
     n, bs = kv.length(seq), kv.block_size

@@ -140,18 +140,23 @@ def test_candidate_probabilities_and_noise_are_bit_identical():
         )
 
 
-def test_expanded_depth_cache_attends_like_the_grouped_one():
-    """Prevents the CPU depth cache layout (keys stored per query head) from changing logits."""
+def test_depth_cache_attends_like_dense_grouped_attention():
+    """Prevents the depth cache's folded GQA (query heads sharing a KV head as extra query rows)
+    from reading the wrong KV head or position: it equals dense attention in which query head h
+    reads KV head h // n_rep over every position written so far (float64)."""
     gen = torch.Generator().manual_seed(3)
     batch, heads, n_kv, hd, steps = 5, 4, 2, 16, 16
-    cpu = torch.device("cpu")
-    expanded = FrameCache(2, batch, n_kv, steps, hd, cpu, torch.float32, n_heads=heads)
-    grouped = FrameCache(2, batch, n_kv, steps, hd, cpu, torch.float32)
-    assert expanded.expanded and not grouped.expanded
-    for _ in range(steps):
+    cache = FrameCache(2, batch, n_kv, steps, hd, torch.device("cpu"), torch.float64)
+    keys = torch.zeros(2, batch, n_kv, steps, hd, dtype=torch.float64)
+    values = torch.zeros_like(keys)
+    for step in range(steps):
         for layer in range(2):
-            q = torch.randn(batch, heads, hd, generator=gen)
-            k, v = torch.randn(2, batch, n_kv, hd, generator=gen)
-            assert torch.equal(expanded.attend(layer, q, k, v), grouped.attend(layer, q, k, v))
-        expanded.step += 1
-        grouped.step += 1
+            q = torch.randn(batch, heads, hd, generator=gen, dtype=torch.float64)
+            k, v = torch.randn(2, batch, n_kv, hd, generator=gen, dtype=torch.float64)
+            keys[layer, :, :, step], values[layer, :, :, step] = k, v
+            kh = keys[layer, :, :, : step + 1].repeat_interleave(heads // n_kv, dim=1)
+            vh = values[layer, :, :, : step + 1].repeat_interleave(heads // n_kv, dim=1)
+            weights = (torch.einsum("bhd,bhsd->bhs", q, kh) / hd**0.5).softmax(-1)
+            expected = torch.einsum("bhs,bhsd->bhd", weights, vh)
+            assert (cache.attend(layer, q, k, v) - expected).abs().max().item() < 1e-12
+        cache.step += 1
