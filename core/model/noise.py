@@ -53,10 +53,21 @@ def vocab_hash(vocab: int, device: torch.device) -> Tensor:
     return mul32(torch.arange(vocab, device=device, dtype=torch.int64), _ID_MUL)
 
 
+UNIFORM_BITS = 23  # k + 1 bits must be exact in the float: fp32 has 24, so k = 23
+
+
+def uniform(h: Tensor, dtype: torch.dtype) -> Tensor:
+    """Hash bits -> u = (top 23 bits + 0.5) / 2**23, strictly inside (0, 1) and exact in fp32.
+
+    (24 bits would not do: (2**24 - 1 + 0.5) rounds to 2**24 in fp32, u = 1, and the Gumbel noise
+    is +inf, which makes a filtered (-inf) candidate NaN and lets argmax pick it.)
+    """
+    return ((h >> (32 - UNIFORM_BITS)).to(dtype) + 0.5) / float(1 << UNIFORM_BITS)
+
+
 def gumbel(keys: Tensor, id_hash: Tensor, dtype: torch.dtype) -> Tensor:
     """Gumbel noise from hash(key, vocab id); keys broadcast against the pre-mixed ids."""
-    h = fmix32((keys + id_hash) & M32)
-    u = ((h >> 8).to(dtype) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    u = uniform(fmix32((keys + id_hash) & M32), dtype)
     return -torch.log(-torch.log(u))
 
 
@@ -72,7 +83,11 @@ def _fmix32_host(h: np.ndarray) -> np.ndarray:
 def gumbel_host(keys: np.ndarray, id_hash: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """`gumbel` for uint32 numpy keys/ids on the CPU: a few numpy calls instead of ~20 torch
     ops per draw, bit-identical (integer hash, exact float steps, torch's log)."""
-    h = _fmix32_host(keys + id_hash)
-    u = ((h >> 8).astype(dtype) + dtype.type(0.5)) / dtype.type(1 << 24)
-    t = torch.from_numpy(u)
+    t = torch.from_numpy(uniform_host(_fmix32_host(keys + id_hash), dtype))
     return torch.log(t).neg_().log_().neg_().numpy()
+
+
+def uniform_host(h: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`uniform` for uint32 numpy hashes (the same exact steps, so the same bits)."""
+    scale = dtype.type(1 << UNIFORM_BITS)
+    return ((h >> (32 - UNIFORM_BITS)).astype(dtype) + dtype.type(0.5)) / scale

@@ -7,10 +7,12 @@ them row by row, whatever the other rows in the batch are doing.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from core.model import SamplerBatch, SamplingParams
+from core.model.noise import M32, uniform, uniform_host
 
 V = 1027
 
@@ -124,6 +126,19 @@ def test_draws_follow_the_filtered_distribution():
     expected = torch.softmax(torch.tensor([2.0, 1.5, 1.0, 0.2]), 0)
     assert freq[4:].sum() == 0
     assert (freq[:4] - expected).abs().max() < 0.025, (freq, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_is_finite_for_every_hash(dtype: torch.dtype):
+    """Prevents drawing a code that top-k/top-p removed: with 24 hash bits the largest hash
+    rounded to u = 1 in fp32, its Gumbel noise was +inf, and -inf + inf = NaN won the argmax.
+    The extreme hashes must give u strictly inside (0, 1) and finite noise, in torch and numpy."""
+    h = torch.tensor([0, 1, 2**31, M32 - 1, M32], dtype=torch.int64)
+    u = uniform(h, dtype)
+    assert bool(((u > 0) & (u < 1)).all()), u
+    assert bool((-torch.log(-torch.log(u))).isfinite().all())
+    host = uniform_host(h.numpy().astype(np.uint32), np.dtype(str(dtype).removeprefix("torch.")))
+    assert torch.equal(torch.from_numpy(host), u)
 
 
 def test_rows_are_independent_and_batch_invariant():
