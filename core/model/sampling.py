@@ -4,7 +4,8 @@ Per codebook step, for every row at once: repetition penalty over the last `wind
 that codebook in the current turn (unique ids once; negative logits * p, positive / p; skipped
 on the turn's first frame because its history is empty) -> temperature -> top-k (ties kept) ->
 top-p as upstream computes it (ascending sort, cumulative softmax, drop entries <= 1 - top_p,
-always keep the max) -> draw. Temperature 0 is argmax after the penalty.
+always keep the max) -> draw. A temperature below `MIN_TEMPERATURE` (0 included) is argmax
+after the penalty. fp16/bf16 logits are drawn in fp32.
 
 Randomness is counter-based (`core.model.noise`): the draw is Gumbel-max with noise hashed from
 (seed, frame counter, codebook, vocab id), so a conversation's draws depend only on its own seed
@@ -36,7 +37,7 @@ from core.model.noise import M32, frame_keys, gumbel, gumbel_host, vocab_hash
 class SamplingParams:
     """Per-conversation sampling settings (upstream defaults); temperature 0 = argmax."""
 
-    temperature: float = 0.8
+    temperature: float = 0.8  # below MIN_TEMPERATURE: greedy (logits / T would overflow)
     top_p: float = 0.6
     top_k: int = 30  # 0 disables top-k
     repetition_penalty: float = 1.1  # 1.0 disables the penalty
@@ -72,6 +73,8 @@ _ALIGN = 64
 # From this many rows the fast path pays off (measured on CPU, tiny dims: at 1-2 rows its extra
 # small ops cost what the full sort saves; at 16 rows it is ~5x faster, at 64 ~9x).
 _FAST_PATH_MIN_ROWS = 3
+# Temperatures below this draw greedily: the limit T -> 0, and logits / T stays finite.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(slots=True)
@@ -81,14 +84,14 @@ class FrameDraw:
     history: Tensor  # [B, A, rvq] codes in the penalty window; V (no code) elsewhere
     penalty: Tensor  # [B, 1]
     divisor: Tensor  # [B, 1] temperature (1 where greedy)
-    greedy: Tensor  # [B] bool: temperature 0
+    greedy: Tensor  # [B] bool: temperature below MIN_TEMPERATURE
     top_k: Tensor  # [B, 1] effective k in [1, V] (V where top-k is off)
     one_minus_top_p: Tensor  # [B, 1]
     keys: Tensor  # [B, rvq] hash key of each (row, codebook) for this frame's noise
     id_hash: Tensor  # [V] the vocab ids pre-mixed for the noise hash
     width: int  # candidates the top-k fast path keeps; 0 = full sort (some row has top_k 0)
     noise: Tensor | None  # [B, rvq, V] for the full sort; None: the fast path hashes per draw
-    any_greedy: bool  # some row has temperature 0 (always True off the CPU: no host read)
+    any_greedy: bool  # some row is greedy (always True off the CPU: no host read)
     host: HostFrame | None = None  # numpy views for the CPU fast path (width > 0)
 
 
@@ -119,12 +122,14 @@ class SamplerBatch:
         if size <= 0 or max_window <= 0:
             raise ValueError(f"size and max_window must be positive, got {size}, {max_window}")
         self.size, self.rvq, self.max_window = size, rvq, max_window
-        f32 = dict(device=device, dtype=torch.float32)
+        # Parameters in double, as upstream computes them; each frame casts them to the logits'
+        # dtype (the same bits as storing that dtype directly).
+        f64 = dict(device=device, dtype=torch.float64)
         i64 = dict(device=device, dtype=torch.int64)
-        self.temperature = torch.ones(size, **f32)
-        self.one_minus_top_p = torch.zeros(size, **f32)
+        self.temperature = torch.ones(size, **f64)
+        self.one_minus_top_p = torch.zeros(size, **f64)
         self.top_k = torch.zeros(size, **i64)
-        self.penalty = torch.ones(size, **f32)
+        self.penalty = torch.ones(size, **f64)
         self.window = torch.ones(size, **i64)
         self.history = torch.zeros(size, max_window, rvq, **i64)  # ring buffer of frames
         self.count = torch.zeros(size, **i64)  # frames generated in the current turn
@@ -162,7 +167,7 @@ class SamplerBatch:
             )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.temperature[row] = params.temperature
-        self.one_minus_top_p[row] = 1.0 - params.top_p  # computed in double, as upstream does
+        self.one_minus_top_p[row] = 1.0 - params.top_p
         self.top_k[row] = params.top_k
         self.penalty[row] = params.repetition_penalty
         self.window[row] = params.repetition_window
@@ -186,7 +191,12 @@ class SamplerBatch:
         return slots.to(self.device, torch.int64)
 
     def prepare(self, idx: Tensor, vocab: int, dtype: torch.dtype) -> FrameDraw:
-        """Gather the rows' state once per frame (history window, params, noise keys)."""
+        """Gather the rows' state once per frame (history window, params, noise keys).
+
+        Half-precision logits are drawn in fp32 (`draw` upcasts them): 23-bit uniforms and
+        Gumbel noise do not fit fp16/bf16.
+        """
+        dtype = torch.promote_types(dtype, torch.float32)
         count = self.count[idx]
         history = self._window(idx, count, vocab)
         temp = self.temperature[idx]
@@ -194,11 +204,11 @@ class SamplerBatch:
         k = torch.where(k_set > 0, k_set, vocab).clamp(1, vocab)
         keys, id_hash = self._keys(idx), self._vocab_hash(vocab)
         width = self._fast_width(k_set, vocab)
-        greedy = temp == 0
+        greedy = temp < MIN_TEMPERATURE
         frame = FrameDraw(
             history=history,
             penalty=self.penalty[idx][:, None].to(dtype),
-            divisor=torch.where(temp > 0, temp, 1.0)[:, None].to(dtype),
+            divisor=torch.where(greedy, 1.0, temp)[:, None].to(dtype),
             greedy=greedy,
             top_k=k[:, None],
             one_minus_top_p=self.one_minus_top_p[idx][:, None].to(dtype),
@@ -328,7 +338,8 @@ class SamplerBatch:
         return torch.from_numpy(sampled)
 
     def draw(self, logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor:
-        """logits [B, V] (fp32 or fp64) of one codebook -> codes [B] (the hot path)."""
+        """logits [B, V] of one codebook -> codes [B] (the hot path; fp16/bf16 drawn in fp32)."""
+        logits = _at_least_fp32(logits)
         if frame.host is not None and (codes := self._draw_host(logits, codebook, frame)) is not None:
             return codes
         logits = self._penalize(logits, codebook, frame)
@@ -349,10 +360,12 @@ class SamplerBatch:
 
     def penalize(self, logits: Tensor, codebook: int, idx: Tensor) -> Tensor:
         """Repetition penalty over the last min(count, window) codes of this codebook."""
+        logits = _at_least_fp32(logits)
         return self._penalize(logits, codebook, self.prepare(idx, logits.shape[1], logits.dtype))
 
     def filtered_logits(self, logits: Tensor, codebook: int, idx: Tensor) -> Tensor:
         """The logits the draw samples from (vocab order, -inf where filtered); for inspection."""
+        logits = _at_least_fp32(logits)
         frame = self.prepare(idx, logits.shape[1], logits.dtype)
         asc, order = self._filter_sorted(self._penalize(logits, codebook, frame), frame)
         return torch.empty_like(asc).scatter_(1, order, asc)
@@ -375,6 +388,11 @@ class SamplerBatch:
         self.history[idx, pos] = codes.to(self.history.device)
         self.count[idx] += 1
         self.counter[idx] += 1
+
+
+def _at_least_fp32(logits: Tensor) -> Tensor:
+    """fp16/bf16 logits as fp32 (the noise and filtering need its precision); others as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _top_host(

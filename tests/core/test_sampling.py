@@ -48,11 +48,13 @@ def _with_history(params: list[SamplingParams], frames: torch.Tensor) -> Sampler
     return sampler
 
 
-def test_penalty_matches_upstream_and_skips_first_frame():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_penalty_matches_upstream_and_skips_first_frame(dtype: torch.dtype):
     """Prevents audible loops or over-penalised speech from a penalty that differs from the one the
-    model was tuned with (window, unique ids once, sign rule, nothing on the first frame)."""
+    model was tuned with (window, unique ids once, sign rule, nothing on the first frame); in
+    float64 too, where a penalty stored in fp32 would differ."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, V, generator=gen) * 3
+    logits = torch.randn(3, V, generator=gen, dtype=dtype) * 3
     frames = torch.randint(0, 40, (3, 70, 16), generator=gen)  # many repeats
     params = [
         SamplingParams(repetition_penalty=p, repetition_window=w)
@@ -75,14 +77,16 @@ def test_penalty_matches_upstream_and_skips_first_frame():
                 assert torch.equal(out[row], expected), (n_frames, cb, row)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"), [(0.8, 30, 0.6), (1.0, 5, 1.0), (0.5, 1000, 0.9)]
 )
-def test_filter_matches_upstream(temperature: float, top_k: int, top_p: float):
+def test_filter_matches_upstream(temperature: float, top_k: int, top_p: float, dtype: torch.dtype):
     """Prevents a top-k/top-p variant (descending sort, exclusive threshold) that keeps a
-    different candidate set than upstream and changes the voice's variability."""
+    different candidate set than upstream and changes the voice's variability; in float64 too,
+    where parameters rounded to fp32 would scale and cut differently."""
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, V, generator=gen) * 2
+    logits = torch.randn(4, V, generator=gen, dtype=dtype) * 2
     sampler = SamplerBatch.from_params(
         [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * 4
     )
@@ -139,6 +143,42 @@ def test_noise_is_finite_for_every_hash(dtype: torch.dtype):
     assert bool((-torch.log(-torch.log(u))).isfinite().all())
     host = uniform_host(h.numpy().astype(np.uint32), np.dtype(str(dtype).removeprefix("torch.")))
     assert torch.equal(torch.from_numpy(host), u)
+
+
+def test_float64_top_p_cut_uses_the_exact_parameter():
+    """Prevents 1 - top_p rounded to fp32 (0.4000000060) from dropping a candidate whose
+    cumulative probability 0.4000000010 upstream keeps (it only drops entries <= 1 - top_p)."""
+    logits = torch.full((1, V), float("-inf"), dtype=torch.float64)
+    logits[0, 10], logits[0, 11] = np.log(0.4 + 1e-9), np.log(0.6 - 1e-9)
+    sampler = SamplerBatch.from_params([SamplingParams(temperature=1.0, top_k=0, top_p=0.6)])
+    kept = sampler.filtered_logits(logits, 0, torch.arange(1)).isfinite().nonzero()[:, 1]
+    assert kept.tolist() == [10, 11]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_draw_only_kept_candidates(dtype: torch.dtype):
+    """Prevents half-precision noise (23-bit uniforms overflow fp16 and round to 1 in bf16:
+    NaN or +inf noise) from drawing a code that top-k removed."""
+    logits = torch.zeros(1, V, dtype=dtype)
+    logits[0, 5] = 3.0
+    for seed in range(100):
+        sampler = SamplerBatch.from_params(
+            [SamplingParams(top_k=1, top_p=1.0, repetition_penalty=1.0, seed=seed)]
+        )
+        assert sampler.sample(logits, 0, torch.arange(1)).item() == 5, seed
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_a_vanishing_temperature_is_greedy(temperature: float):
+    """Prevents logits / T from overflowing to +-inf (every code tied, so id 0 or the lowest
+    positive id won whatever the logits said): a temperature below 1e-5 draws the argmax."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, V, generator=gen) * 5 - 20
+    logits[0, 700], logits[1, 300] = -1.0, 10.0
+    sampler = SamplerBatch.from_params(
+        [SamplingParams(temperature=temperature, repetition_penalty=1.0, seed=s) for s in (1, 2)]
+    )
+    assert sampler.sample(logits, 0, torch.arange(2)).tolist() == [700, 300]
 
 
 def test_rows_are_independent_and_batch_invariant():
