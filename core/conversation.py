@@ -203,7 +203,7 @@ class ConversationContext:
         """Rows the KV must hold before this turn's lead: history + assistant prefix.
 
         Trims the oldest turns when history + `reserve_rows` (lead, frame cap, EOS) exceeds the
-        budget, down to `trim_target` of it, never the voice block or the current user turn(s).
+        budget, down to `trim_target` of it, never the voice block or the newest user turn.
 
         Raises:
             ContextOverflowError: even without old turns the turn cannot fit.
@@ -218,18 +218,22 @@ class ConversationContext:
             last_assistant = max(
                 (i for i, t in enumerate(self.turns) if t.role == ASSISTANT), default=-1
             )
-            droppable = last_assistant + 1  # keep the user turn(s) this turn answers
+            # Keep the user turn(s) this turn answers, down to the newest one: unanswered user
+            # turns pile up when replies are cancelled before any audio was heard.
+            droppable = max(last_assistant + 1, len(self.turns) - 1)
             target = self.trim_target * self.max_rows
+            kept = list(self.turns)
             dropped = 0
             while dropped < droppable and total() > target:
                 self.turns.pop(0)
                 dropped += 1
-            self.trims += int(dropped > 0)
             if total() > self.max_rows:
+                self.turns[:] = kept  # a turn that cannot fit anyway costs no history
                 raise ContextOverflowError(
                     f"the turn needs {total()} context rows (voice block, current user turn and "
                     f"frame cap) but max_context_rows is {self.max_rows}"
                 )
+            self.trims += int(dropped > 0)
         head = self.builder.assistant_prefix_rows(first=not self.turns)
         return torch.cat([self.history_rows(), head])
 
@@ -336,8 +340,8 @@ class Conversation:
 
     def set_voice(self, voice: Voice | None) -> None:
         """Change the voice; applies from the next turn (the history is prefilled again)."""
-        self._voice = voice
         self._link._set_voice(self, voice)
+        self._voice = voice
 
     @property
     def turns(self) -> tuple[TurnView, ...]:

@@ -43,6 +43,9 @@ _FORCED_MARGIN = 64
 
 _SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Held back until the next delta: a high surrogate (its low half may follow) and a CR followed
+# only by surrogates (they may all be dropped as lone ones, and then an LF may still follow).
+_HELD_TAIL = re.compile("\r[\ud800-\udfff]*\\Z|[\ud800-\udbff]\\Z")
 _NEWLINES = {0x0B: "\n", 0x0C: "\n", 0x85: "\n", 0x2028: "\n", 0x2029: "\n"}
 _INVISIBLE = (
     [0x00AD, 0x180E, 0x200B, 0x200E, 0x200F, 0x2060, 0xFEFF]
@@ -107,7 +110,7 @@ class TextNormalizer:
     `normalize_text` of the concatenated input, for any split."""
 
     def __init__(self) -> None:
-        self._raw_tail = ""  # a trailing CR or high surrogate, waiting for its partner
+        self._raw_tail = ""  # a trailing CR (and the surrogates after it) or high surrogate
         self._nfc_tail = ""  # cleaned text from the last stable starter on
 
     def push(self, delta: str) -> str:
@@ -115,7 +118,8 @@ class TextNormalizer:
         if not isinstance(delta, str):
             raise TypeError(f"text delta must be str, got {type(delta).__name__}")
         raw = self._raw_tail + delta
-        keep = 1 if raw and (raw[-1] == "\r" or "\ud800" <= raw[-1] <= "\udbff") else 0
+        held = _HELD_TAIL.search(raw)
+        keep = len(held.group()) if held else 0
         self._raw_tail = raw[len(raw) - keep :]
         buffer = self._nfc_tail + _clean(raw[: len(raw) - keep])
         cut = len(buffer) - 1

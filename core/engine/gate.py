@@ -27,7 +27,7 @@ class Gate:
         self._lock = threading.Lock()
         self._commands: deque[Command] = deque()
         self._closed = False
-        self._open_convs = 0
+        self._open_convs: set[int] = set()
         self._outstanding: dict[int, int] = {}  # conv id -> turns queued or active
         self._admitted: dict[int, int] = {}  # turn id -> conv id, while counted above
         self._next_id = 0
@@ -60,16 +60,19 @@ class Gate:
         """
         with self._lock:
             self._check_open()
-            if self._open_convs >= self.max_conversations:
+            if len(self._open_convs) >= self.max_conversations:
                 raise AdmissionError(f"max_conversations={self.max_conversations} already open")
-            self._open_convs += 1
             self._next_id += 1
+            self._open_convs.add(self._next_id)
             return self._next_id
 
     def close_conversation(self, conv_id: int, command: Command) -> None:
-        """Free the conversation's place at once; its drop runs before any later command."""
+        """Free the conversation's place at once; its drop runs before any later command.
+        Idempotent, from any number of threads."""
         with self._lock:
-            self._open_convs -= 1
+            if conv_id not in self._open_convs:
+                return
+            self._open_convs.discard(conv_id)
             if self._closed:
                 return
             for turn_id in [t for t, c in self._admitted.items() if c == conv_id]:
@@ -118,7 +121,7 @@ class Gate:
     def counts(self) -> tuple[int, int]:
         """(turns queued or active, open conversations)."""
         with self._lock:
-            return sum(self._outstanding.values()), self._open_convs
+            return sum(self._outstanding.values()), len(self._open_convs)
 
     def close(self) -> bool:
         """Refuse new work from now on; True for the call that actually closed."""

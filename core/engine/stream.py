@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -145,8 +146,8 @@ class TurnStream:
         `played_s` is how much of this turn's audio was played; None keeps everything generated.
         No chunk is returned by iteration after this call.
         """
-        if played_s is not None and not played_s >= 0:
-            raise ValueError(f"played_s must be >= 0 or None, got {played_s!r}")
+        if played_s is not None and not (math.isfinite(played_s) and played_s >= 0):
+            raise ValueError(f"played_s must be a finite number >= 0 or None, got {played_s!r}")
         with self._lock:
             if self._status in (TurnStatus.QUEUED, TurnStatus.ACTIVE):
                 self._status = TurnStatus.CANCELLED

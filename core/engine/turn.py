@@ -23,7 +23,7 @@ from core.engine.slots import SlotLease
 from core.engine.stream import AudioChunk, TurnStream
 from core.engine.words import TurnWords
 from core.prompt import PromptBuilder
-from core.text import IncrementalTokenizer, encode_text
+from core.text import IncrementalTokenizer, TextNormalizer, encode_text
 
 if TYPE_CHECKING:
     from core.engine.runner import FrameAudio
@@ -71,6 +71,10 @@ class ActiveTurn:
         self.prefix_wait: tuple[object, Tensor] | None = None
         self.lead_queued = False
         self.incremental = IncrementalTokenizer(tokenizer)
+        # The text as the model reads it (invisible/control characters and lone surrogates
+        # dropped): what word timings and the context keep, and what decides `has_speech`.
+        self.normalizer = TextNormalizer()
+        self.spoken: list[str] = []
         self.ids: deque[int] = deque()
         self.fed_ids: list[int] = []
         self.text_flushed = False
@@ -96,10 +100,9 @@ class ActiveTurn:
         if delta or (ended and not self.text_flushed):
             self.text_at = now
         if delta:
-            self.ids.extend(self.incremental.push(delta))
-            self.words.push_text(delta)
-            self.has_speech = self.has_speech or not delta.isspace()
+            self._take_text(self.normalizer.push(delta))
         if ended and not self.text_flushed:
+            self._take_text(self.normalizer.flush())
             self.ids.extend(self.incremental.flush())
             self.words.end_text()
             self.text_flushed = True
@@ -110,6 +113,14 @@ class ActiveTurn:
                 self.queue_rows(self.builder.prefill_rows(lead))
                 self.lead_queued = True
                 self.lead_ready_at = now
+
+    def _take_text(self, text: str) -> None:
+        """Normalised text (idempotent: the tokenizer's own normalisation keeps it as it is)."""
+        if text:
+            self.ids.extend(self.incremental.push(text))
+            self.words.push_text(text)
+            self.spoken.append(text)
+            self.has_speech = self.has_speech or not text.isspace()
 
     def waiting_for_text(self) -> bool:
         """True when only more text (or end_text) can make this turn progress."""
@@ -215,15 +226,17 @@ class ActiveTurn:
     def heard(self, played_s: float | None) -> HeardTurn | None:
         """The turn as the listener heard it (None: nothing was heard)."""
         n = self.emitted_frames
-        if played_s is not None:
-            n = min(n, int(math.floor(played_s / FRAME_S + 1e-6)))
+        if played_s is not None and played_s < n * FRAME_S:
+            n = int(math.floor(played_s / FRAME_S + 1e-6))
         if n == 0:
             return None
         frames = torch.stack(self.frames[:n])
         if n == len(self.frames) and played_s is None:
             text_ids = list(self.fed_ids)
-            text = self.stream.text if not self.ids and self.text_flushed else (
-                self.tokenizer.decode(text_ids))  # type: ignore[attr-defined]
+            # All text read, or (frame cap, early EOS) the ids fed so far, without the half of a
+            # character whose bytes the last fed token only began.
+            text = "".join(self.spoken) if not self.ids and self.text_flushed else (
+                self.tokenizer.decode(text_ids).rstrip("\ufffd"))  # type: ignore[attr-defined]
             return HeardTurn(text, text_ids, frames)
         text = self.words.heard_text(n * FRAME_S)
         text_ids = encode_text(self.tokenizer, text.rstrip()) if text.strip() else []

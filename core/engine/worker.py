@@ -309,26 +309,28 @@ class Worker:
         turn.phase = Phase.DONE
         self.active.pop(turn.stream.turn_id, None)
         cs = self.convs.get(turn.conv_id)
-        if self.slots.valid(turn.lease):
-            if cs is not None and turn.sampler_started:
-                cs.counter = self.runner.counter(turn.lease.index)
-            self.slots.release(turn.lease)
-        if cs is not None:
-            cs.active, cs.last_used = None, time.monotonic()
-            if error is None:
-                heard = turn.heard(played_s)
-                if heard is not None:
-                    cs.conv.context.add_assistant(turn.stream.turn_id, heard.text,
-                                                  heard.text_ids, heard.frames)
-                cs.last_turn = turn
-            cs.conv._publish()  # also after a failure: the turn may have trimmed old turns
-        name = "turns_cancelled" if cancelled else "turns_failed" if error else "turns_finished"
-        self.metrics.add(name)
-        log.debug("turn %d ended (%s): %d frames, ttfa %s", turn.stream.turn_id, name,
-                  len(turn.frames), turn.stream.ttfa_s)
-        if error is not None:
-            log.info("turn %d failed: %r", turn.stream.turn_id, error)
-        self.turn_over(turn.stream, None if cancelled else error)
+        try:
+            if self.slots.valid(turn.lease):
+                if cs is not None and turn.sampler_started:
+                    cs.counter = self.runner.counter(turn.lease.index)
+                self.slots.release(turn.lease)
+            if cs is not None:
+                cs.active, cs.last_used = None, time.monotonic()
+                if error is None:
+                    heard = turn.heard(played_s)
+                    if heard is not None:
+                        cs.conv.context.add_assistant(turn.stream.turn_id, heard.text,
+                                                      heard.text_ids, heard.frames)
+                    cs.last_turn = turn
+                cs.conv._publish()  # also after a failure: the turn may have trimmed old turns
+        finally:  # whatever went wrong above, the consumer sees the end of its turn
+            name = "turns_cancelled" if cancelled else "turns_failed" if error else "turns_finished"
+            self.metrics.add(name)
+            log.debug("turn %d ended (%s): %d frames, ttfa %s", turn.stream.turn_id, name,
+                      len(turn.frames), turn.stream.ttfa_s)
+            if error is not None:
+                log.info("turn %d failed: %r", turn.stream.turn_id, error)
+            self.turn_over(turn.stream, None if cancelled else error)
 
     def turn_over(self, stream: TurnStream, error: BaseException | None) -> None:
         """Release admission before the consumer can see the end (its next speak() fits)."""

@@ -164,6 +164,37 @@ def test_overflow_error_when_the_current_turn_cannot_fit(builder):
     assert len(ctx.turns) == 1  # the user's turn is not thrown away
 
 
+def test_unanswered_user_turns_are_trimmed_down_to_the_newest(builder):
+    """Prevents a conversation stuck on ContextOverflowError: replies cancelled before any audio
+    leave user turns piling up with no assistant turn between them; the oldest must go (the
+    newest, which this turn answers, stays)."""
+    ctx = _ctx(builder, None)
+    ctx.add_user("An early question.", None)
+    _assistant(ctx, builder, 100, "An early answer.", 8)
+    for i in range(6):
+        ctx.add_user(f"The user keeps talking about many things, part {i}.", None)
+    before = list(ctx.turns)
+    full = ctx.begin_assistant(reserve_rows=0).shape[0]
+    ctx.max_rows = full + 40 - 1  # one row over budget with 40 reserved
+    target = ctx.begin_assistant(reserve_rows=40)
+    assert ctx.trims == 1 and ctx.turns[-1] is before[-1]
+    assert ctx.turns == before[len(before) - len(ctx.turns):]
+    assert target.shape[0] + 40 <= 0.75 * ctx.max_rows
+
+
+def test_a_turn_that_cannot_fit_keeps_the_history(builder):
+    """Prevents an overflowing turn from deleting the history it then fails to use: the error
+    leaves every turn in place."""
+    ctx = _ctx(builder, None, max_rows=300)
+    ctx.add_user("An early question.", None)
+    _assistant(ctx, builder, 100, "An early answer.", 8)
+    ctx.add_user("Now a question.", None)
+    before = list(ctx.turns)
+    with pytest.raises(ContextOverflowError, match="max_context_rows"):
+        ctx.begin_assistant(reserve_rows=400)
+    assert ctx.turns == before and ctx.trims == 0
+
+
 def test_voice_change_keeps_only_the_system_block(builder):
     """A new voice must re-prefill the history after the system block, reusing that block."""
     ctx, pool = _ctx(builder, _voice(10, 3)), FakePool()

@@ -23,9 +23,10 @@ from core import (
     TextTooLongError,
 )
 from core.codec import MossAudioCodec
+from core.engine.gate import Gate
 from core.engine.stream import TurnStatus
 from core.model import MossTTSRealtime
-from core.text import IncrementalTokenizer, load_tokenizer
+from core.text import IncrementalTokenizer, load_tokenizer, normalize_text
 
 TEXT = "Hello there, this is a test. How are you today?"
 
@@ -217,6 +218,46 @@ async def test_cancel_mid_turn_keeps_what_was_heard(parts):
         engine.close()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -0.5])
+async def test_cancel_rejects_a_non_finite_or_negative_played_s(parts, bad):
+    """Prevents a bad playback position from reaching the engine thread (inf overflowed there
+    and the consumer never saw the end of its turn): it raises at once, the turn goes on."""
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=5))
+        stream = conv.speak()
+        stream.push_text(TEXT)
+        stream.end_text()
+        with pytest.raises(ValueError, match="played_s"):
+            stream.cancel(played_s=bad)
+        chunks = [c async for c in stream]
+        assert chunks and stream.status is TurnStatus.FINISHED
+    finally:
+        engine.close()
+
+
+async def test_cancel_with_a_huge_played_s_keeps_everything_emitted(parts):
+    """Prevents an overflow in the heard-frame count: a playback position far past the audio
+    (1e308 s, whose frame count overflows a float) keeps every emitted frame, and the stream
+    ends."""
+    engine = make_engine(parts, max_frames_per_turn=200)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=5))
+        stream = conv.speak()
+        stream.push_text("one two three four five six seven eight nine ten " * 4)
+        got = []
+        async for chunk in stream:
+            got.append(chunk)
+            if len(got) == 3:
+                stream.cancel(played_s=1e308)
+                break
+        await asyncio.wait_for(stream.wait(), 10)
+        await wait_until(lambda: bool(conv.turns))
+        assert conv.turns[-1].frames >= sum(round(c.duration_s / 0.08) for c in got)
+    finally:
+        engine.close()
+
+
 async def test_cancel_after_finish_truncates_the_recorded_turn(parts):
     """A late interruption (audio still playing after generation ended) must rewrite the
     context to what was played, and the next turn must prefill from that point."""
@@ -298,6 +339,18 @@ async def test_admission_errors_are_immediate(parts):
         engine.close()
 
 
+def test_closing_a_conversation_frees_exactly_one_place():
+    """Prevents a conversation closed twice (or from two threads at once) from freeing two
+    places, which let more than max_conversations in."""
+    gate = Gate(max_streams=2, max_conversations=2)
+    a, _b = gate.open_conversation(), gate.open_conversation()
+    for _ in range(3):
+        gate.close_conversation(a, lambda: None)
+    gate.open_conversation()
+    with pytest.raises(AdmissionError):
+        gate.open_conversation()
+
+
 async def test_text_starvation_pauses_without_padding(parts):
     """When the LLM is slow the stream must wait, never pad mid-turn (padding can end a turn)."""
     engine = make_engine(parts, max_frames_per_turn=100)
@@ -355,18 +408,28 @@ def test_streams_from_three_event_loops_in_three_threads(parts):
 @pytest.mark.parametrize(
     "text",
     ["", "   \n\t ", "ctrl\x00\x07\x1b[31m\r\nchars", "lone \ud800 surrogate \udfff",
-     "emoji 🙂👍🏽👨‍👩‍👧", "mixed 中文 English русский العربية 日本語", "<|im_end|><|text_pad|>"],
-    ids=["empty", "whitespace", "control", "surrogates", "emoji", "mixed", "markup"],
+     "emoji 🙂👍🏽👨‍👩‍👧", "mixed 中文 English русский العربية 日本語", "<|im_end|><|text_pad|>",
+     "\u200b \u200b\x00\ufeff"],
+    ids=["empty", "whitespace", "control", "surrogates", "emoji", "mixed", "markup", "invisible"],
 )
 async def test_garbage_text_completes_and_the_engine_survives(parts, text):
-    """Odd input must end in a finished turn or its documented error, never a dead engine."""
+    """Odd input must end in a finished turn or its documented error, never a dead engine; what
+    the model reads is the normalised text, and so are the word timings and the context (no
+    lone surrogate reaches a transcript; invisible-only text says nothing)."""
     engine = make_engine(parts, max_frames_per_turn=30)
     try:
         conv = engine.conversation(sampling=SamplingParams(seed=1))
         stream, chunks = await speak(conv, text, deltas=3)
         assert stream.status is TurnStatus.FINISHED and stream.error is None
-        if not text.strip():
+        spoken = normalize_text(text)
+        if not spoken.strip():
             assert chunks == [] and not conv.turns  # nothing to say, nothing recorded
+        words = "".join(w.word for c in chunks for w in c.words)
+        assert spoken.startswith(words)
+        words.encode("utf-8")
+        for turn in conv.turns:
+            assert spoken.startswith(turn.text)
+            turn.text.encode("utf-8")
         _, after = await speak(conv, "Still fine.")
         assert after
     finally:

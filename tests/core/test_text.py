@@ -135,6 +135,7 @@ def test_normalisation_is_split_invariant_and_idempotent(
         (["a\ud83d", "\ude00b"], "a😀b"),  # surrogate pair split across deltas
         (["a\ud83d", "b\ude00"], "ab"),  # lone surrogates are dropped
         (["x\r", "\ny\rz\r"], "x\ny\nz\n"),  # CRLF split, lone CR, trailing CR
+        (["a\r", "\udc00", "\udfff\ud800", "\nb"], "a\nb"),  # CR, lone surrogates, then LF
         (["a\x00b\x07\x1b[0m"], "ab[0m"),  # NUL and control characters dropped
         (["zero\u200bwidth\ufeff\u2060"], "zerowidth"),  # invisible characters dropped
         (["👨\u200d👩", "\u200c"], "👨\u200d👩\u200c"),  # ZWJ / ZWNJ kept
