@@ -166,26 +166,25 @@ class ConversationContext:
     def replace_assistant(
         self, turn_id: int, text: str, text_ids: list[int], frames: Tensor
     ) -> bool:
-        """Rewrite assistant turn `turn_id` (after a late cancel); False if it is not the last
-        assistant turn any more (a later turn already used the old version)."""
-        for i in range(len(self.turns) - 1, -1, -1):
-            turn = self.turns[i]
-            if turn.role == ASSISTANT:
-                if turn.turn_id != turn_id:
-                    return False
-                self.turns[i] = HistoryTurn(ASSISTANT, text, frames, list(text_ids), turn_id)
-                return True
-        return False
+        """Rewrite assistant turn `turn_id` as heard (a late cancel), wherever it is: the next
+        turn's KV sync cuts the cache there. False if the turn is gone (trimmed)."""
+        i = self._assistant_index(turn_id)
+        if i is None:
+            return False
+        self.turns[i] = HistoryTurn(ASSISTANT, text, frames, list(text_ids), turn_id)
+        return True
 
     def remove_assistant(self, turn_id: int) -> bool:
-        """Drop assistant turn `turn_id` if it is the last assistant turn (nothing was heard)."""
-        for i in range(len(self.turns) - 1, -1, -1):
-            if self.turns[i].role == ASSISTANT:
-                if self.turns[i].turn_id != turn_id:
-                    return False
-                del self.turns[i]
-                return True
-        return False
+        """Drop assistant turn `turn_id` (nothing of it was heard); False if it is gone."""
+        i = self._assistant_index(turn_id)
+        if i is None:
+            return False
+        del self.turns[i]
+        return True
+
+    def _assistant_index(self, turn_id: int) -> int | None:
+        return next((i for i in range(len(self.turns) - 1, -1, -1)
+                     if self.turns[i].role == ASSISTANT and self.turns[i].turn_id == turn_id), None)
 
     def view(self) -> tuple[TurnView, ...]:
         return tuple(t.view() for t in self.turns)

@@ -12,7 +12,9 @@ audio was heard, so this module learns both from the session and keeps the engin
   playing. An interrupted turn is cut to the playback position; a turn whose speech ended without
   any playback (a discarded preemptive reply, a fallback probe) is cut to nothing, so it leaves no
   trace. The position may arrive before or after LiveKit cancels the stream; both orders work
-  because the engine accepts `cancel(played_s)` until the next turn starts.
+  because the engine accepts `cancel(played_s)` on its recent finished turns too. A reply in
+  several segments (`FlushSentinel`) is one engine turn per segment, each cut by its own
+  `playback_finished`, in order.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ class RoomContext:
         return self._links.session if self._links is not None else None
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def conversation(self) -> Conversation | None:
         """The engine conversation, created at the first turn."""
         return self._conv
@@ -220,10 +226,11 @@ class RoomContext:
         else:
             if key != self._voice_key:
                 self._conv.set_voice(voice)  # applies from this turn on (engine semantics)
-            if sampling != self._sampling and sampling is not None:
-                seed = sampling.seed if sampling.seed is not None else self._conv.sampling.seed
+            if sampling != self._sampling:  # None: back to the engine defaults
+                new = sampling or SamplingParams()
+                seed = new.seed if new.seed is not None else self._conv.sampling.seed
                 # read by the engine when the turn starts; the conversation's seed continues
-                self._conv.sampling = replace(sampling, seed=seed)
+                self._conv.sampling = replace(new, seed=seed)
         self._voice_key, self._sampling = key, sampling
         return self._conv
 
@@ -288,14 +295,15 @@ class RoomContext:
             record.resolved = True  # heard in full: the engine keeps the whole turn
 
     def _playing_record(self) -> TurnRecord | None:
-        """The oldest unsettled record with audio, preferring the speech that is playing now."""
+        """The oldest unsettled record with audio of the speech playing now (segments play in
+        order); with no current speech, the oldest of any. Audio of another speech (a `say`
+        with audio, another TTS) is never credited to a MOSS turn."""
         session = self.session
         speech = session.current_speech if session is not None else None
         candidates = [r for r in self._records if not r.resolved and r.played_s is None]
         candidates = [r for r in candidates if r.emitted_s > 0.0]
         if speech is not None:
-            mine = [r for r in candidates if r.speech is not None and r.speech.id == speech.id]
-            candidates = mine or candidates
+            candidates = [r for r in candidates if r.speech is not None and r.speech.id == speech.id]
         return candidates[0] if candidates else None
 
     def _on_speech_done(self, speech: SpeechHandle) -> None:
@@ -313,10 +321,12 @@ class RoomContext:
         for record in self._records:
             if record.resolved or record.running:
                 continue
-            if record.speech is not None and record.speech.done():
-                self._settle_speech(record.speech)
+            if record.speech is not None:
+                if record.speech.done():
+                    self._settle_speech(record.speech)
+                # else: a segment of a speech still playing: its playback_finished settles it
             elif record.cancelled and record.played_s is None:
-                self._resolve(record, 0.0 if record.speech is not None else record.emitted_s)
+                self._resolve(record, record.emitted_s)  # direct use: what reached the caller
             else:
                 record.resolved = True  # finished and never interrupted: kept whole
         self._records = [r for r in self._records if not r.resolved or r.running]
@@ -328,7 +338,7 @@ class RoomContext:
         logger.debug("turn heard up to %.2fs of %.2fs", played_s, record.emitted_s)
         try:
             record.turn.cancel(played_s=played_s)
-        except Exception:  # the engine may have moved on (closed, next turn started)
+        except Exception:  # the engine may have moved on (closed, the turn long gone)
             logger.warning("could not truncate a turn to %.2fs", played_s, exc_info=True)
 
     # ---- lifecycle ------------------------------------------------------------------------

@@ -221,7 +221,7 @@ class TTS(tts.TTS):
                 self._direct_room = RoomContext(engine, None)
             return self._direct_room
         room = self._rooms.get(session)
-        if room is None:
+        if room is None or room.closed:  # new, or the session was closed and started again
             room = self._rooms[session] = RoomContext(
                 engine, session, capture_user_audio=self._capture_user_audio
             )

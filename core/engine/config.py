@@ -19,6 +19,8 @@ class EngineConfig:
     Attributes:
         max_streams: turns generating at once; `speak()` beyond raises `AdmissionError`.
         max_conversations: open conversations; `conversation()` beyond raises `AdmissionError`.
+        max_turns_per_conversation: turns of one conversation speaking or queued behind the
+            speaking one; `speak()` beyond raises `AdmissionError`.
         max_context_rows: context budget per conversation; older turns are trimmed beyond it.
         context_trim_target: after a trim the history fits in this fraction of the budget, so a
             long dialogue rebuilds its cache rarely instead of at every turn.
@@ -53,6 +55,7 @@ class EngineConfig:
 
     max_streams: int = 16
     max_conversations: int = 64
+    max_turns_per_conversation: int = 8
     max_context_rows: int = 32768
     context_trim_target: float = 0.75
     max_frames_per_turn: int = 1500
@@ -72,7 +75,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = (
-            "max_streams", "max_conversations", "max_context_rows", "max_frames_per_turn",
+            "max_streams", "max_conversations", "max_turns_per_conversation",
+            "max_context_rows", "max_frames_per_turn",
             "max_text_chars", "max_batch", "prefill_chunk", "first_chunk_frames",
             "chunk_frames", "kv_block_size", "kv_rows_per_conversation",
         )

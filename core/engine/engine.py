@@ -24,7 +24,7 @@ from core.conversation import Conversation, ConversationContext, PrefixCache
 from core.engine.config import EngineConfig
 from core.engine.gate import Gate, Job
 from core.engine.metrics import EngineStats
-from core.engine.runner import MAX_REPETITION_WINDOW, ModelRunner
+from core.engine.runner import ModelRunner
 from core.engine.stream import TurnStream
 from core.engine.worker import SPEAK, Enqueue, Worker
 from core.errors import EngineClosed, InvalidAudioError, TextTooLongError
@@ -56,7 +56,8 @@ class Engine:
         self._voices = VoiceEncoder(codec)
         self.kv = KVPool(model.config, num_blocks=_kv_blocks(config, model),
                          block_size=config.kv_block_size, device=self.device, dtype=model.dtype)
-        self._gate = Gate(config.max_streams, config.max_conversations)
+        self._gate = Gate(config.max_streams, config.max_conversations,
+                          config.max_turns_per_conversation)
         runner = ModelRunner(model, codec, self.kv, num_slots=config.max_streams)
         self._worker = Worker(config=config, gate=self._gate, runner=runner, kv=self.kv,
                               builder=self.builder, tokenizer=tokenizer,
@@ -111,8 +112,6 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
-        if sampling.repetition_window > MAX_REPETITION_WINDOW:
-            raise ValueError(f"repetition_window must be <= {MAX_REPETITION_WINDOW}")
         if voice is not None and not isinstance(voice, Voice):
             raise TypeError(f"voice must be a Voice (engine.load_voice) or None, got {voice!r}")
         if sampling.seed is None:  # one random stream per conversation, continued across turns

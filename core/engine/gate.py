@@ -22,8 +22,10 @@ Command = Callable[[], None]
 class Gate:
     """Lock-protected admission state, command queue and wake-up event."""
 
-    def __init__(self, max_streams: int, max_conversations: int) -> None:
+    def __init__(self, max_streams: int, max_conversations: int, max_turns_per_conversation: int = 8
+                 ) -> None:
         self.max_streams, self.max_conversations = max_streams, max_conversations
+        self.max_turns = max_turns_per_conversation
         self._lock = threading.Lock()
         self._commands: deque[Command] = deque()
         self._closed = False
@@ -84,13 +86,17 @@ class Gate:
         """Admit a turn of `conv_id` (queued behind its active turn if any); returns its id.
 
         Raises:
-            AdmissionError: `max_streams` other conversations are already speaking.
+            AdmissionError: `max_streams` other conversations are already speaking, or this one
+                already has `max_turns` turns speaking or queued.
         """
         with self._lock:
             self._check_open()
             busy = self._outstanding.get(conv_id, 0)
             if busy == 0 and len(self._outstanding) >= self.max_streams:
                 raise AdmissionError(f"max_streams={self.max_streams} turns already speaking")
+            if busy >= self.max_turns:
+                raise AdmissionError(f"max_turns_per_conversation={self.max_turns} turns of this "
+                                     "conversation already speaking or queued")
             self._outstanding[conv_id] = busy + 1
             self._next_id += 1
             self._admitted[self._next_id] = conv_id

@@ -21,8 +21,7 @@ from torch import Tensor
 from core.codec import MossAudioCodec
 from core.codec.streaming import CodecDecodeState
 from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams
-
-MAX_REPETITION_WINDOW = 256
+from core.model.sampling import MAX_REPETITION_WINDOW
 
 
 @dataclass(slots=True)

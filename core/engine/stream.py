@@ -142,7 +142,8 @@ class TurnStream:
     def cancel(self, played_s: float | None = None) -> None:
         """Stop the turn; the conversation keeps what the listener heard.
 
-        Valid while generating and after, until the conversation's next turn starts.
+        Valid while generating and after, for the conversation's last 8 finished turns (a reply
+        spoken as several turns is cut where playback stopped, its unplayed turns with 0).
         `played_s` is how much of this turn's audio was played; None keeps everything generated.
         No chunk is returned by iteration after this call.
         """

@@ -35,6 +35,7 @@ log = logging.getLogger("core.engine")
 T = TypeVar("T")
 IDLE_S = 1.0  # sleep with no turn at all (every input sets the wake-up event anyway)
 STATS_LOG_S = 30.0  # while busy, one INFO line of engine stats this often
+RECENT_TURNS = 8  # finished turns per conversation that `cancel(played_s)` can still cut
 
 SPEAK, USER = "speak", "user"
 Item = tuple[str, Any]  # (SPEAK, TurnStream) | (USER, Job)
@@ -43,13 +44,15 @@ Item = tuple[str, Any]  # (SPEAK, TurnStream) | (USER, Job)
 class ConvState:
     """Engine-thread bookkeeping of one conversation (its context lives in `conv.context`)."""
 
-    __slots__ = ("conv", "queue", "active", "last_turn", "counter", "last_used")
+    __slots__ = ("conv", "queue", "active", "finished", "counter", "last_used")
 
     def __init__(self, conv: Conversation) -> None:
         self.conv = conv
         self.queue: deque[Item] = deque()  # FIFO of its turns: user turns and assistant turns
         self.active: ActiveTurn | None = None
-        self.last_turn: ActiveTurn | None = None  # cancel(played_s) still applies to it
+        # Recent finished turns, newest last: a late cancel(played_s) still cuts them (a
+        # reply spoken as several turns is heard, and interrupted, after all are generated).
+        self.finished: deque[ActiveTurn] = deque(maxlen=RECENT_TURNS)
         self.counter = 0  # frames drawn: the conversation's random stream spans its turns
         self.last_used = 0.0
 
@@ -135,9 +138,9 @@ class Worker:
                 self.metrics.add("turns_cancelled")
                 self.turn_over(stream, None)
                 return
-            last = cs.last_turn
-            if last is not None and last.stream is stream:
-                heard = last.heard(played_s)
+            done = next((t for t in cs.finished if t.stream is stream), None)
+            if done is not None:
+                heard = done.heard(played_s)
                 ctx = cs.conv.context
                 if heard is None:
                     ctx.remove_assistant(stream.turn_id)
@@ -249,7 +252,6 @@ class Worker:
         if stream.status is not TurnStatus.QUEUED:  # cancelled while queued
             self.turn_over(stream, None)
             return
-        cs.last_turn = None
         lease = self.slots.acquire()
         assert lease is not None, "admission guarantees a slot per speaking conversation"
         turn = ActiveTurn(stream, cs.conv.conv_id, lease, builder=self.builder,
@@ -321,7 +323,7 @@ class Worker:
                     if heard is not None:
                         cs.conv.context.add_assistant(turn.stream.turn_id, heard.text,
                                                       heard.text_ids, heard.frames)
-                    cs.last_turn = turn
+                    cs.finished.append(turn)
                 cs.conv._publish()  # also after a failure: the turn may have trimmed old turns
         finally:  # whatever went wrong above, the consumer sees the end of its turn
             name = "turns_cancelled" if cancelled else "turns_failed" if error else "turns_finished"

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from core.model.noise import M32, frame_keys, gumbel, gumbel_host, vocab_hash
 
+MAX_REPETITION_WINDOW = 256  # frames of history a sampler slot keeps (upstream default: 50)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -53,9 +55,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not isinstance(self.repetition_window, int) or self.repetition_window < 1:
+        window = self.repetition_window
+        if not isinstance(window, int) or not 1 <= window <= MAX_REPETITION_WINDOW:
             raise ValueError(
-                f"repetition_window must be an int >= 1, got {self.repetition_window!r}"
+                f"repetition_window must be an int in [1, {MAX_REPETITION_WINDOW}], got {window!r}"
             )
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")

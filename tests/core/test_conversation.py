@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from core.conversation import ASSISTANT, USER, ConversationContext, PrefixCache, common_prefix_len
+from core.conversation import ConversationContext, PrefixCache, common_prefix_len
 from core.errors import ContextOverflowError
 from core.model import ModelConfig
 from core.prompt import PromptBuilder, TokenIds
@@ -217,17 +217,21 @@ def test_prefix_rows_are_built_once_per_voice(builder):
     assert cache.rows(None).shape[0] == builder.system_rows().shape[0]
 
 
-def test_late_cancel_rewrites_only_the_last_assistant_turn(builder):
-    """cancel(played_s) after a newer turn started must not rewrite history under it."""
+def test_late_cancel_rewrites_the_turn_it_names(builder):
+    """A reply spoken as several turns is interrupted after all of them were generated: a late
+    cut rewrites (or drops) the turn it names, even under a newer turn, and nothing else."""
     ctx = _ctx(builder)
     _assistant(ctx, builder, 1, "First answer.", 4)
     ctx.add_user("And?", None)
-    assert ctx.replace_assistant(1, "First", encode_text(builder.tokenizer, "First"), _frames(1))
-    assert ctx.turns[0].text == "First" and ctx.view()[0].frames == 1
     _assistant(ctx, builder, 2, "Second answer.", 4)
-    assert not ctx.replace_assistant(1, "x", [], _frames(1))
-    assert not ctx.remove_assistant(1)
-    assert ctx.remove_assistant(2) and [t.role for t in ctx.turns] == [ASSISTANT, USER]
+    _assistant(ctx, builder, 3, "Third part.", 4)
+    assert ctx.replace_assistant(2, "Second", encode_text(builder.tokenizer, "Second"), _frames(1))
+    assert [t.text for t in ctx.turns] == ["First answer.", "And?", "Second", "Third part."]
+    assert ctx.view()[2].frames == 1
+    assert ctx.remove_assistant(3) and ctx.remove_assistant(1)
+    assert [t.text for t in ctx.turns] == ["And?", "Second"]
+    assert not ctx.replace_assistant(1, "x", [], _frames(1))  # gone: nothing to rewrite
+    assert not ctx.remove_assistant(3)
 
 
 def test_bad_user_turn_fails_when_added(builder):

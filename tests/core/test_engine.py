@@ -283,6 +283,27 @@ async def test_cancel_after_finish_truncates_the_recorded_turn(parts):
         engine.close()
 
 
+async def test_a_reply_spoken_as_several_turns_is_cut_where_it_was_heard(parts):
+    """A framework speaks one reply as several turns (sentence segments) and learns how much was
+    heard only after all were generated: cutting the first segment and dropping the unplayed
+    second leaves exactly what was heard, and the next turn works."""
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=8))
+        s1, _ = await speak(conv, "The first segment of the reply.")
+        s2, _ = await speak(conv, "The second segment.")
+        assert [t.role for t in conv.turns] == ["assistant", "assistant"]
+        s1.cancel(played_s=0.16)  # playback stopped 0.16 s into segment 1 ...
+        s2.cancel(played_s=0.0)  # ... so segment 2 was never heard
+        await wait_until(lambda: len(conv.turns) == 1 and conv.turns[0].frames == 2)
+        assert "The first segment of the reply.".startswith(conv.turns[0].text)
+        s3, chunks = await speak(conv, "Sorry, go on.")
+        assert chunks and s3.status is TurnStatus.FINISHED
+        assert [t.frames > 0 for t in conv.turns] == [True, True]
+    finally:
+        engine.close()
+
+
 async def test_context_overflow_trims_and_keeps_serving(parts):
     """A dialogue longer than the context budget must keep working (oldest turns dropped), and
     a single turn that cannot fit must fail only itself with ContextOverflowError."""
@@ -324,6 +345,11 @@ async def test_admission_errors_are_immediate(parts):
             c.speak()
         queued = a.speak()  # same conversation: queues behind its active turn, no error
         assert queued.status is TurnStatus.QUEUED
+        extra = [a.speak() for _ in range(6)]  # up to max_turns_per_conversation = 8 ...
+        with pytest.raises(AdmissionError, match="max_turns_per_conversation"):
+            a.speak()  # ... and no unbounded queue behind one conversation
+        for s in extra:
+            s.cancel()
         for s in (sa, sb):
             s.push_text("Short.")
             s.end_text()

@@ -245,6 +245,7 @@ def test_seeded_randomness_is_reproducible_and_advances():
         dict(top_k=2.5),
         dict(repetition_penalty=0.0),
         dict(repetition_window=0),
+        dict(repetition_window=257),  # more history than an engine slot keeps
         dict(seed=-3),
         dict(seed=2**63),
     ],

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 
+from livekit.agents import FlushSentinel
 from livekit.agents import tts as lk_tts
 from livekit.agents.voice import Agent, SpeechHandle
 from livekit.agents.voice.events import UserInputTranscribedEvent, UserStateChangedEvent
@@ -96,6 +97,109 @@ async def test_interrupt_keeps_only_what_was_heard(engine) -> None:
         await session.run(user_input="Never mind")
         assert _roles(plugin, session)[-2:] == ["user", "assistant"]
         assert assistant_messages(session)[-1].text_content == "Okay, moving on."
+    finally:
+        await session.aclose()
+        await audio.aclose()
+        await plugin.aclose()
+
+
+class TwoSegmentAgent(Agent):
+    """An agent whose reply is spoken as two segments (`FlushSentinel` between them): LiveKit
+    synthesises segment 2 while segment 1 is still playing."""
+
+    def __init__(self, first: str, second: str) -> None:
+        super().__init__(instructions="You speak in segments.")
+        self.segments = (first, second)
+
+    async def llm_node(self, chat_ctx, tools, model_settings):  # noqa: ANN001, ANN201
+        first, second = self.segments
+        for word in first.split(" "):
+            yield word + " "
+        yield FlushSentinel()
+        for word in second.split(" "):
+            yield word + " "
+
+
+async def _segments_then_interrupt(plugin: TTS, agent: TwoSegmentAgent, *, after_first: bool,
+                                   at_s: float):
+    """Start a two-segment reply, interrupt it `at_s` into segment 1 (or into segment 2 once
+    segment 1 played in full); returns (session, audio, position, conversation)."""
+    session, _, audio, _ = make_session(plugin, [], speed=1.0)
+    await session.start(agent)
+    handle = session.generate_reply(user_input="go")
+    await wait_until(lambda: audio.segment_started.is_set())
+    room = plugin._rooms[session]
+    await wait_until(lambda: len(room._records) >= 2 and room._records[0].emitted_s > 1.0)
+    if after_first:
+        await wait_until(lambda: len(audio.finished) >= 1 and audio.segment_started.is_set())
+    await wait_until(lambda: audio._played_s() >= at_s)
+    await session.interrupt()
+    await handle
+    return session, audio, audio.finished[-1][0], plugin.conversation(session)
+
+
+async def test_a_segment_interrupted_while_the_next_is_ready_is_cut_and_the_next_dropped(
+    engine,
+) -> None:
+    """Prevents: a reply in two segments interrupted during segment 1 leaving all of segment 1
+    and the never-played segment 2 in the conversation (the model would continue from audio
+    the user never heard)."""
+    plugin = TTS(engine=engine)
+    first = "The first segment is rather long so that it plays for a while before anything else."
+    agent = TwoSegmentAgent(first, "Second segment words.")
+    session, audio, position, conv = await _segments_then_interrupt(
+        plugin, agent, after_first=False, at_s=0.8
+    )
+    try:
+        await wait_until(lambda: _roles(plugin, session) == ["user", "assistant"]
+                         and conv.turns[-1].frames * FRAME_S <= position + FRAME_S, limit_s=5.0)
+        kept = conv.turns[-1]
+        assert kept.frames > 0 and first.startswith(kept.text.strip())
+    finally:
+        await session.aclose()
+        await audio.aclose()
+        await plugin.aclose()
+
+
+async def test_a_segment_played_in_full_is_kept_and_the_interrupted_next_one_cut(engine) -> None:
+    """Prevents: segment 1's playback_finished being credited to segment 2 (then marked heard in
+    full while the real cut is dropped)."""
+    plugin = TTS(engine=engine)
+    first = "A medium first part that lasts a little while."
+    second = "And now the second segment is rather long so that it plays for a while."
+    session, audio, position, conv = await _segments_then_interrupt(
+        plugin, TwoSegmentAgent(first, second), after_first=True, at_s=0.6
+    )
+    try:
+        full = audio.finished[0][0]
+        await wait_until(lambda: len(conv.turns) == 3
+                         and conv.turns[-1].frames * FRAME_S <= position + FRAME_S, limit_s=5.0)
+        one, two = conv.turns[1], conv.turns[2]
+        assert one.frames * FRAME_S >= full - FRAME_S and one.text.strip() == first
+        assert 0 < two.frames * FRAME_S < 3.0 and second.startswith(two.text.strip())
+    finally:
+        await session.aclose()
+        await audio.aclose()
+        await plugin.aclose()
+
+
+async def test_a_restarted_session_speaks_with_a_fresh_conversation(engine) -> None:
+    """Prevents: a session closed and started again getting 'this TTS was closed' for good
+    (the closed room stayed bound to the session)."""
+    plugin = TTS(engine=engine)
+    session, _, audio, _ = make_session(plugin, ["One.", "Two."], speed=4.0)
+    await session.start(new_agent())
+    try:
+        await session.run(user_input="hi")
+        first = plugin.conversation(session)
+        await session.aclose()
+        session.output.audio = audio  # closing detached the output
+        segments = len(audio.segments)
+        await session.start(new_agent())
+        await session.run(user_input="again")
+        assert len(audio.segments) > segments
+        second = plugin.conversation(session)
+        assert second is not first and [t.role for t in second.turns][-1] == "assistant"
     finally:
         await session.aclose()
         await audio.aclose()

@@ -203,6 +203,10 @@ async def test_voice_and_sampling_updates_apply_from_the_next_turn(engine) -> No
     assert conv.voice is not None and conv.voice.duration_s > 1.0
     assert conv.sampling.temperature == 0.0 and conv.sampling.seed is not None
     assert [t.role for t in conv.turns] == ["assistant", "assistant"]
+    seed = conv.sampling.seed
+    plugin.update_options(sampling=None)  # back to the engine defaults, same random stream
+    await _speak_once(plugin, "Third turn, default sampling.")
+    assert conv.sampling == SamplingParams(seed=seed)
     await plugin.aclose()
 
 
