@@ -153,6 +153,7 @@ class MossTTSService(TTSService):
         self._chunk_s = output_chunk_ms / 1000.0
         self._moss_keepalive: asyncio.Task | None = None
         self._interrupt_played: dict[str, float] = {}
+        self._failed_contexts: set[str] = set()  # replies that failed with an error we reported
 
     # ----- Pipecat hooks -------------------------------------------------------------------
 
@@ -217,10 +218,17 @@ class MossTTSService(TTSService):
         if turn is None or (turn.ended and not turn.truncated):
             turn = self._open_turn(context_id)
         if not self._is_streaming_tokens and turn.text and not turn.text[-1].isspace():
-            text = " " + text.lstrip()  # sentences arrive without the space between them
+            # sentences arrive without the space between them (none between CJK sentences)
+            if not (is_cjk(turn.text[-1]) or is_cjk(text.lstrip()[:1])):
+                text = " " + text.lstrip()
         await self.start_tts_usage_metrics(text)
         try:
             turn.push(text)
+            if context_id != self._turn_context_id:
+                # A bare TextFrame outside any LLM response or TTSSpeakFrame: nothing will end
+                # its text, and the engine speaks one turn per conversation at a time, so an
+                # open turn would hold every later reply until the engine's text timeout.
+                turn.end()
         except (MossError, ValueError) as e:
             await self.push_error(error_msg=f"{self}: text rejected: {e}", exception=e)
         yield None
@@ -243,6 +251,17 @@ class MossTTSService(TTSService):
             played = self._interrupt_played.get(context_id, self._playout.played_s(context_id))
             await self._cancel_turn(turn, played)
         await super().on_audio_context_interrupted(context_id)
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool) -> None:
+        """A reply that failed with our own error (engine full, bad voice) is not a silent
+        provider: no second "completed with no audio" error, and it does not count towards the
+        base class writing the service off after a few silent replies (an engine that was full a
+        moment ago speaks the next reply). Replies that end silent without an error still count."""
+        if context_id in self._failed_contexts:
+            self._failed_contexts.discard(context_id)
+            if not received_audio:
+                return
+        await super()._record_context_audio_outcome(context_id, received_audio)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Track playback, and settle interrupted turns around the base class's handling."""
@@ -367,6 +386,7 @@ class MossTTSService(TTSService):
         except StreamCancelled:
             pass
         except Exception as e:  # any failure of this turn is the call's error, not a dead task
+            self._failed_contexts.add(ctx)
             await self.push_error(error_msg=f"{self}: turn failed: {e}", exception=e)
         finally:
             turn.done.set()
@@ -441,7 +461,12 @@ class MossTTSService(TTSService):
                 self._applied = (voice, sampling)
                 return self._conv
             if voice != self._applied[0]:
-                self._conv.set_voice(await self._load_voice(voice))
+                loaded = await self._load_voice(voice)
+                if loaded is None and voice is not None:  # unusable (reported): keep the old one
+                    voice = self._applied[0]
+                    self._settings.voice = voice
+                else:
+                    self._conv.set_voice(loaded)
             if sampling != self._applied[1]:
                 applied = sampling
                 if sampling.seed is None:  # keep the conversation's own random stream

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from moss_pc_support import (
     RealtimeSpeaker,
+    Recorder,
     audio_frames,
     llm_turn,
     run_pipeline,
@@ -21,6 +22,7 @@ from pipecat.frames.frames import (
     InterruptionFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    TextFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
 )
@@ -85,29 +87,56 @@ async def test_odd_unicode_never_breaks_the_call(engine, text) -> None:
 
 
 async def test_full_engine_is_a_precise_error_and_later_turns_speak(engine) -> None:
-    """When every slot of the shared engine is speaking, a reply must fail at once with an error
-    naming the limit (no hang), and speak again once a slot is free."""
+    """When every slot of the shared engine is speaking, each reply must fail at once with one
+    error naming the limit (no hang, no second "no audio" error), and the same service must
+    speak again once a slot is free: a full engine is temporary, not a dead provider (three
+    failed replies once wrote the service off for the rest of the call)."""
     blockers = [engine.conversation() for _ in range(engine.config.max_streams)]
     turns = [conv.speak() for conv in blockers]
     for turn in turns:
         turn.push_text("Holding a slot")
     tts = MossTTSService(engine=engine)
+    before, after = Recorder(), Recorder()
+
+    async def driver(worker) -> None:
+        for i in range(3):
+            await worker.queue_frames(llm_turn(*tokens_of("Are you there?")))
+            await wait_for(lambda i=i: len(_errors(f for _, f in before.up)) > i)
+        for turn in turns:
+            turn.cancel()
+        await worker.queue_frames(llm_turn(*tokens_of("Now I can.")))
+        await wait_for(lambda: bool(after.frames(TTSStoppedFrame)) and audio_frames(after.frames()))
+        await worker.queue_frame(EndFrame())
+
     try:
-        down, up = await run_test(tts, frames_to_send=llm_turn("Are", " you", " there?"))
+        await run_pipeline([before, tts, after], driver)
     finally:
         for turn in turns:
             turn.cancel()
         for conv in blockers:
             conv.close()
-    errors = _errors(up)
-    assert "max_streams" in errors[0], errors
-    # Pipecat adds its own "completed with no audio" for the silent context (and counts it
-    # toward marking the service unusable, so a ServiceSwitcher can fail over).
-    assert all("no audio" in e for e in errors[1:]), errors
-    assert not audio_frames(down)
-    tts2 = MossTTSService(engine=engine)
-    down, up = await run_test(tts2, frames_to_send=llm_turn("Now", " I", " can."))
-    assert audio_frames(down) and not _errors(up)
+    errors = _errors(f for _, f in before.up)
+    assert len(errors) == 3 and all("max_streams" in e for e in errors), errors
+    assert tts.is_usable and audio_frames(after.frames())
+    await _idle(engine)
+
+
+async def test_a_bare_text_frame_is_spoken_and_does_not_hold_the_next_reply(engine) -> None:
+    """Prevents: a TextFrame pushed outside an LLM response opening an engine turn that nothing
+    ends, which muted every later reply until the engine's text timeout (120 s)."""
+    tts = MossTTSService(engine=engine)
+    rec = Recorder()
+
+    async def driver(worker) -> None:
+        await worker.queue_frames([TextFrame("Hello there.")])
+        await worker.queue_frames(llm_turn(*tokens_of("A normal reply.")))
+        await wait_for(lambda: len({f.context_id for f in rec.frames(TTSStoppedFrame)}) >= 2,
+                       limit_s=15.0)
+        await worker.queue_frame(EndFrame())
+
+    await run_pipeline([tts, rec], driver)
+    spoken = {f.context_id for f in audio_frames(rec.frames())}
+    assert len(spoken) == 2, "both the bare text and the reply were spoken"
     await _idle(engine)
 
 

@@ -103,6 +103,14 @@ async def test_sentence_mode_frame_order(engine) -> None:
     assert tts._latest is not None and tts._latest.text == "Hello there. How are you?"
 
 
+async def test_sentence_mode_joins_cjk_sentences_without_a_space(engine) -> None:
+    """Prevents a space the model would read between Chinese or Japanese sentences (those
+    scripts put none there)."""
+    tts = MossTTSService(engine=engine, text_aggregation_mode=TextAggregationMode.SENTENCE)
+    await run_test(tts, frames_to_send=llm_turn("你好，世界。", "今天很好。"))
+    assert tts._latest is not None and tts._latest.text == "你好，世界。今天很好。"
+
+
 async def test_tts_speak_frame_and_non_interruptible(engine) -> None:
     """`TTSSpeakFrame` (also non-interruptible ones) must be spoken as its own utterance and
     committed to the assistant context afterwards."""
@@ -163,6 +171,29 @@ async def test_settings_update_applies_from_next_turn(engine, tmp_path, monkeypa
     assert calls == ["speak", "voice:True", "speak"], "voice changes between the turns"
     assert tts.conversation.voice is not None
     assert tts.conversation.sampling.temperature == 0.3 and tts.conversation.sampling.seed == 7
+
+
+async def test_an_unusable_new_voice_keeps_the_current_one(engine, tmp_path) -> None:
+    """Prevents: a voice update to a file that exists but cannot be used (silent) leaving the
+    call without any voice prompt; the error names the file and the old voice stays."""
+    import soundfile as sf
+
+    good, silent = tmp_path / "voice.wav", tmp_path / "silent.wav"
+    _write_voice(good)
+    sf.write(silent, np.zeros(24000 * 3, dtype=np.float32), 24000)
+    tts = MossTTSService(engine=engine, settings=MossTTSService.Settings(voice=str(good)))
+    down, up = await run_test(
+        tts,
+        frames_to_send=[
+            *llm_turn("First", " turn."),
+            TTSUpdateSettingsFrame(delta=MossTTSService.Settings(voice=str(silent))),
+            *llm_turn("Second", " turn."),
+        ],
+    )
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "silent.wav" in errors[0], errors
+    assert sum(isinstance(f, TTSStoppedFrame) for f in down) == 2
+    assert tts.conversation.voice is not None and tts._settings.voice == str(good)
 
 
 @pytest.mark.parametrize("tokens", [[], [" "], ["  ", "\n", "\t"]])
