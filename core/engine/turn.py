@@ -100,10 +100,11 @@ class ActiveTurn:
         if delta or (ended and not self.text_flushed):
             self.text_at = now
         if delta:
+            self.ids.extend(self.incremental.push(delta))  # normalises the same way itself
             self._take_text(self.normalizer.push(delta))
         if ended and not self.text_flushed:
-            self._take_text(self.normalizer.flush())
             self.ids.extend(self.incremental.flush())
+            self._take_text(self.normalizer.flush())
             self.words.end_text()
             self.text_flushed = True
         if self.phase is Phase.PREFILL and not self.lead_queued and self.has_speech:
@@ -115,9 +116,10 @@ class ActiveTurn:
                 self.lead_ready_at = now
 
     def _take_text(self, text: str) -> None:
-        """Normalised text (idempotent: the tokenizer's own normalisation keeps it as it is)."""
+        """Normalised text for the words, the context and `has_speech` (the ids come from the
+        raw deltas: a second normaliser in front of the tokenizer would hold back one more
+        character per delta, ~one LLM token of first-audio latency)."""
         if text:
-            self.ids.extend(self.incremental.push(text))
             self.words.push_text(text)
             self.spoken.append(text)
             self.has_speech = self.has_speech or not text.isspace()
