@@ -44,6 +44,7 @@ from moss_pipecat.engine_turn import EngineTurn, is_cjk
 from moss_pipecat.turns import PlayoutClock, UserTurnQueue, fade_out
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+_CUTTABLE_TURNS = 4  # finished replies kept for a late cut (the engine keeps 8 per conversation)
 
 
 @dataclass
@@ -415,9 +416,14 @@ class MossTTSService(TTSService):
                 await self.add_word_timestamps([(word, w.start_s)], ctx, cjk)
 
     def _settle_older_turns(self, current: EngineTurn) -> None:
-        """Once a turn has started, earlier turns can no longer be cut: forget them."""
-        for ctx, turn in list(self._turns.items()):
-            if turn is not current and turn.done.is_set():
+        """Forget finished turns the listener heard in full. One still playing stays: a barge-in
+        cuts it at the played position even after the next reply started in the engine (a
+        reply before a tool call still playing when the reply after it starts, say). The engine
+        can cut only its last few finished turns, so at most that many are kept."""
+        finished = [(ctx, t) for ctx, t in self._turns.items() if t is not current and t.done.is_set()]
+        for i, (ctx, _) in enumerate(finished):
+            heard_all = self._playout.played_s(ctx) >= self._playout.pushed_s(ctx) - 1e-3
+            if heard_all or i < len(finished) - _CUTTABLE_TURNS:
                 del self._turns[ctx]
 
     async def _cancel_turn(self, turn: EngineTurn, played_s: float) -> None:

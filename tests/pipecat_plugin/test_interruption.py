@@ -85,6 +85,32 @@ async def test_interruption_mid_turn(engine) -> None:
     assert sum(len(w.audio) for w in speaker.written[marks["n_after_window"] :]) > 0
 
 
+async def test_a_reply_still_playing_when_the_next_starts_is_cut_at_a_barge_in(engine) -> None:
+    """Prevents: reply 1 (e.g. before a tool call) fully generated and still playing when reply 2
+    starts in the engine, then a barge-in: reply 1 must be cut where the listener was and the
+    unplayed reply 2 removed, not reply 1 kept whole."""
+    tts = MossTTSService(engine=engine, settings=MossTTSService.Settings(seed=3))
+    speaker = RealtimeSpeaker(SR)
+    marks: dict[str, float] = {}
+
+    async def driver(worker) -> None:
+        await worker.queue_frames(llm_turn(*tokens_of(LONG)))
+        await wait_for(lambda: tts._latest is not None and tts._latest.done.is_set())
+        first = tts._latest
+        await worker.queue_frames(llm_turn(*tokens_of("And here is the answer.")))
+        await wait_for(lambda: tts._latest is not first and tts._latest.stream is not None)
+        marks["generated"] = first.stream.frames * 0.08
+        await worker.queue_frame(InterruptionFrame())
+        conv = tts.conversation
+        await wait_for(lambda: len(conv.turns) == 1 and conv.turns[0].frames * 0.08
+                       < marks["generated"] - 0.08, limit_s=10.0)
+        await worker.queue_frame(EndFrame())
+
+    await run_pipeline([tts, speaker], driver, sample_rate=SR)
+    (kept,) = tts.conversation.turns
+    assert 0 < kept.frames * 0.08 < marks["generated"] and LONG.startswith(kept.text.strip())
+
+
 async def test_non_interruptible_speak_survives_a_barge_in(engine) -> None:
     """A `TTSSpeakFrame` marked non-interruptible (e.g. a legal notice) must be spoken and kept in
     full even when the user barges in while it is generated."""
