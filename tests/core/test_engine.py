@@ -189,27 +189,36 @@ async def test_second_turn_prefills_only_new_rows_and_equals_from_scratch(parts)
         engine.close()
 
 
+LONG_TEXT = "one two three four five six seven eight nine ten " * 4
+
+
+async def _cancel_at_third_chunk(conv, text: str, *, played_s: float):
+    """Speak `text` (never ended: the turn is still generating) and cancel it with `played_s`
+    when the third chunk arrives; returns the stream and the chunks received."""
+    stream = conv.speak()
+    stream.push_text(text)
+    got = []
+    async for chunk in stream:
+        got.append(chunk)
+        if len(got) == 3:
+            stream.cancel(played_s=played_s)
+            break
+    return stream, got
+
+
 async def test_cancel_mid_turn_keeps_what_was_heard(parts):
     """An interruption must stop audio at once and leave only the heard part in the context,
     and the next turn must work."""
     engine = make_engine(parts, max_frames_per_turn=200)
     try:
         conv = engine.conversation(sampling=SamplingParams(seed=5))
-        stream = conv.speak()
-        long_text = "one two three four five six seven eight nine ten " * 4
-        stream.push_text(long_text)
-        got = []
-        async for chunk in stream:
-            got.append(chunk)
-            if len(got) == 3:
-                stream.cancel(played_s=0.16)
-                break
+        stream, _ = await _cancel_at_third_chunk(conv, LONG_TEXT, played_s=0.16)
         with pytest.raises(StreamCancelled):
             await stream.__anext__()
         assert stream.done and stream.status is TurnStatus.CANCELLED
         await wait_until(lambda: conv.turns and conv.turns[-1].frames == 2)
         heard = conv.turns[-1].text
-        assert long_text.startswith(heard) and len(heard) < len(long_text) / 2
+        assert LONG_TEXT.startswith(heard) and len(heard) < len(LONG_TEXT) / 2
         s2, chunks = await speak(conv, "Sorry, go on.")
         assert s2.status is TurnStatus.FINISHED and chunks
         assert [t.role for t in conv.turns] == ["assistant", "assistant"]
@@ -243,14 +252,7 @@ async def test_cancel_with_a_huge_played_s_keeps_everything_emitted(parts):
     engine = make_engine(parts, max_frames_per_turn=200)
     try:
         conv = engine.conversation(sampling=SamplingParams(seed=5))
-        stream = conv.speak()
-        stream.push_text("one two three four five six seven eight nine ten " * 4)
-        got = []
-        async for chunk in stream:
-            got.append(chunk)
-            if len(got) == 3:
-                stream.cancel(played_s=1e308)
-                break
+        stream, got = await _cancel_at_third_chunk(conv, LONG_TEXT, played_s=1e308)
         await asyncio.wait_for(stream.wait(), 10)
         await wait_until(lambda: bool(conv.turns))
         assert conv.turns[-1].frames >= sum(round(c.duration_s / 0.08) for c in got)
