@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,13 +195,15 @@ async def test_a_failing_prefix_prefill_falls_back_to_per_conversation_prefill(p
               for s in (4, 5)))
     finally:
         reference.close()
-    engine = make_engine(parts)
+    engine = make_engine(parts, prefill_chunk=16)  # the prefix takes several ticks to build
     worker, real = engine._worker, engine.model.forward_rows
     faults = []
 
     def faulty(rows, seq_ids, kv, **kw):
+        # Fail the prefix once both turns wait for it (the second turn may be admitted a tick
+        # after the first; one admitted after the failure would rightly build it anew).
         prefixes = {e.seq_id for e in worker.prefix_kv._entries.values()}
-        if not faults and prefixes & set(seq_ids):
+        if not faults and prefixes & set(seq_ids) and len(worker.active) == 2:
             faults.append(seq_ids)
             raise RuntimeError("injected fault")
         return real(rows, seq_ids, kv, **kw)
@@ -213,7 +216,11 @@ async def test_a_failing_prefix_prefill_falls_back_to_per_conversation_prefill(p
         stats = engine.stats()
         assert stats.prefix_prefills == 0 and stats.prefix_forks == 0
         for (_, chunks), (_, expected) in zip(got, ref, strict=True):
-            assert chunks and b"".join(c.pcm for c in chunks) == b"".join(c.pcm for c in expected)
+            # The same codes; the fp32 codec may round an LSB differently when the fallback
+            # decodes a frame in another batch than the reference did.
+            a, b = (np.frombuffer(b"".join(c.pcm for c in x), np.int16).astype(np.int32)
+                    for x in (chunks, expected))
+            assert chunks and a.shape == b.shape and np.abs(a - b).max() <= 2
         third = engine.conversation(voice=v, sampling=SamplingParams(seed=6))
         await speak(third, TEXT)  # the next conversation builds the prefix again
         assert engine.stats().prefix_prefills == 1 and engine.stats().prefix_forks == 1
