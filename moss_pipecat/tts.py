@@ -264,6 +264,21 @@ class MossTTSService(TTSService):
                 return
         await super()._record_context_audio_outcome(context_id, received_audio)
 
+    async def _add_word_timestamps(
+        self,
+        word_times: list[tuple[str, float]],
+        context_id: str | None = None,
+        includes_inter_frame_spaces: bool = False,
+    ) -> None:
+        """Words are timed from the reply's first audio; after an LLM pause inside the reply
+        (its audio context kept open) the playback sat dry, so later words play that much
+        later: add the stall measured when their audio was handed over (this runs in playback
+        order, after the audio before the word was pushed)."""
+        stall = self._playout.stalled_s(context_id) if context_id else 0.0
+        if stall:
+            word_times = [(word, t + stall) for word, t in word_times]
+        await super()._add_word_timestamps(word_times, context_id, includes_inter_frame_spaces)
+
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Track playback, and settle interrupted turns around the base class's handling."""
         if isinstance(frame, BotStartedSpeakingFrame):

@@ -81,6 +81,8 @@ class PlayoutClock:
         self._base_s = 0.0  # cursor position at `_anchor`
         self._anchor: float | None = None  # wall time the cursor started moving, None = stopped
         self._run_origin_s = 0.0  # cursor position when the current speaking run started
+        self._dry_at: float | None = None  # while stopped: wall time the audio ran out
+        self._stalls: dict[str, float] = {}  # context -> seconds its playback sat dry
 
     @property
     def playing(self) -> bool:
@@ -97,6 +99,8 @@ class PlayoutClock:
         """Record an audio frame the service just pushed downstream."""
         if not pcm:
             return
+        if context_id in self._spans:  # audio of this context resumes after a dry spell
+            self._stalls[context_id] = self._stalls.get(context_id, 0.0) + self._idle_s()
         if self._anchor is not None and self.position_s() >= self._total_s:
             # Underrun: the transport ran dry and resumes with this frame.
             self._base_s, self._anchor = self._total_s, self._clock()
@@ -118,8 +122,25 @@ class PlayoutClock:
 
     def bot_stopped(self) -> None:
         """`BotStoppedSpeakingFrame`: the transport stopped writing audio."""
+        if self._anchor is not None:
+            self._dry_at = min(self._clock(), self._anchor + self._total_s - self._base_s)
         self._base_s = self.position_s()
         self._anchor = None
+
+    def _idle_s(self) -> float:
+        """How long the listener has had nothing left to play (0 while audio is queued)."""
+        if self._anchor is not None:
+            dry = self._anchor + self._total_s - self._base_s
+        elif self._dry_at is not None and self._base_s >= self._total_s:
+            dry = self._dry_at
+        else:
+            return 0.0
+        return max(0.0, self._clock() - dry)
+
+    def stalled_s(self, context_id: str) -> float:
+        """Seconds this context's playback sat dry between its audio frames (an LLM pause
+        inside a reply): its later audio plays that much later than its own timeline says."""
+        return self._stalls.get(context_id, 0.0)
 
     def pushed_s(self, context_id: str) -> float:
         """Seconds of this context's audio pushed downstream so far."""

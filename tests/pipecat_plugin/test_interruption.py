@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 from moss_pc_support import (
@@ -17,6 +18,9 @@ from pipecat.frames.frames import (
     EndFrame,
     ErrorFrame,
     InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
     TTSSpeakFrame,
     TTSStoppedFrame,
     TTSTextFrame,
@@ -109,6 +113,40 @@ async def test_a_reply_still_playing_when_the_next_starts_is_cut_at_a_barge_in(e
     await run_pipeline([tts, speaker], driver, sample_rate=SR)
     (kept,) = tts.conversation.turns
     assert 0 < kept.frames * 0.08 < marks["generated"] and LONG.startswith(kept.text.strip())
+
+
+async def test_words_after_an_llm_pause_are_timed_when_they_play(engine) -> None:
+    """Prevents: words after an LLM pause inside a reply (a tool call; the reply stays one audio
+    context) timed as if the playback had not sat dry, so they reached the transport and the
+    assistant context seconds before they were spoken."""
+    tts = MossTTSService(engine=engine, settings=MossTTSService.Settings(seed=1))
+    rec = Recorder()
+    speaker = RealtimeSpeaker(SR)
+    before, after = "One two three. Four five six.", " Seven eight nine."
+    offset: dict[str, float] = {}
+
+    async def driver(worker) -> None:
+        offset["s"] = time.monotonic() - tts.get_clock().get_time() / 1e9
+        await worker.queue_frames([LLMFullResponseStartFrame(),
+                                   *(LLMTextFrame(t) for t in tokens_of(before))])
+        await asyncio.sleep(3.0)  # the LLM calls a tool; the speaker plays everything and waits
+        await worker.queue_frames([*(LLMTextFrame(t) for t in tokens_of(after)),
+                                   LLMFullResponseEndFrame()])
+        await wait_for(lambda: bool(rec.frames(TTSStoppedFrame)), limit_s=20.0)
+        await wait_for(lambda: tts._latest is not None and tts._latest.done.is_set())
+        await asyncio.sleep(0.5)
+        await worker.queue_frame(EndFrame())
+
+    await run_pipeline([tts, rec, speaker], driver, sample_rate=SR)
+    audio = [w for w in speaker.written if w.kind == "TTSAudioRawFrame"]
+    ends = [w.t + len(w.audio) / (2 * SR) for w in audio]
+    gaps = [i for i in range(1, len(audio)) if audio[i].t - ends[i - 1] > 0.5]
+    assert gaps, "the playback sat dry during the pause"
+    resumed = audio[gaps[0]].t
+    late = [f for f in rec.frames(TTSTextFrame) if f.text.strip(" .") in {"Seven", "eight", "nine"}]
+    assert late, "words after the pause were spoken"
+    for frame in late:  # never timed before its audio could play (0.3 s for word estimates)
+        assert frame.pts / 1e9 + offset["s"] >= resumed - 0.3, (frame.text, resumed)
 
 
 async def test_non_interruptible_speak_survives_a_barge_in(engine) -> None:

@@ -45,6 +45,28 @@ def test_played_follows_speaking_time_and_never_passes_pushed_audio() -> None:
     assert clock.played_s("a") == pytest.approx(1.0)
 
 
+def test_stall_inside_a_reply_is_measured_whether_or_not_the_bot_stopped_speaking() -> None:
+    """Words after an LLM pause play later by the time the speaker sat dry: that time is counted
+    per reply (with the transport still 'speaking', or after it said it stopped), and the gap
+    before a new reply is not a stall of it."""
+    t = FakeTime()
+    clock = PlayoutClock(t)
+    clock.pushed("a", _pcm(0.5), SR)
+    clock.bot_started()
+    t.now += 0.8  # dry for 0.3 s, transport still speaking
+    clock.pushed("a", _pcm(0.5), SR)
+    assert clock.stalled_s("a") == pytest.approx(0.3)
+    t.now += 0.7  # the second piece ends at +0.5; the bot stops 0.2 s later
+    clock.bot_stopped()
+    t.now += 1.0
+    clock.pushed("a", _pcm(0.5), SR)
+    assert clock.stalled_s("a") == pytest.approx(0.3 + 1.2)
+    clock.bot_started()
+    t.now += 2.0
+    clock.pushed("b", _pcm(0.5), SR)  # a new reply after a gap
+    assert clock.stalled_s("b") == 0.0 and clock.stalled_s("unknown") == 0.0
+
+
 def test_contexts_play_one_after_another() -> None:
     """The second reply's position starts only after the first reply's audio."""
     t = FakeTime()
