@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from livekit import rtc
 from livekit.agents import APIConnectOptions, tts
+from livekit.agents.voice.io import AudioInput
 from lk_kit import make_session, new_agent, wait_until
 
 from core.errors import InvalidAudioError
 from moss_livekit import TTS, MossTTSError
+from moss_livekit.user_audio import UserAudioTap
 
 NO_RETRY = APIConnectOptions(max_retry=0, timeout=30.0)
 
@@ -117,3 +120,34 @@ async def test_reply_growing_past_the_limit_fails_precisely_and_the_next_speaks(
         assert plugin.conversation().turns[-1].text == "Shorter now."
     finally:
         await plugin.aclose()
+
+
+class _Frames(AudioInput):
+    """An audio input that yields numbered 10 ms frames (sample value = frame index)."""
+
+    def __init__(self) -> None:
+        super().__init__(label="frames")
+        self.n = 0
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        self.n += 1
+        data = np.full(240, self.n, dtype=np.int16).tobytes()
+        return rtc.AudioFrame(data, 24000, 1, 240)
+
+
+async def test_user_audio_tap_keeps_the_speech_before_the_vad_fired() -> None:
+    """Prevents: the user's first syllables missing from the audio the model is conditioned on
+    (the VAD says "speaking" only after some speech): the 0.3 s before it are kept."""
+    tap = UserAudioTap(_Frames())
+    for _ in range(50):  # 0.5 s of audio before the VAD fires
+        await tap.__anext__()
+    tap.recording = True
+    for _ in range(20):
+        await tap.__anext__()
+    tap.recording = False
+    for _ in range(10):  # after the turn: not recorded
+        await tap.__anext__()
+    pcm, rate = tap.take()
+    frames = pcm.reshape(-1, 240)[:, 0].tolist()
+    assert rate == 24000 and frames == list(range(21, 71))  # 0.3 s pre-roll + 20 frames
+    assert tap.take() is None
