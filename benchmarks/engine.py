@@ -18,8 +18,9 @@ Warm-up turns are excluded. Capacity runs `--repeat` interleaved rounds (every N
 round, so a ratio never compares two moments of a shared machine) and reports medians: frames/s
 and "x single", the median of each round's ratio to the first N. Latency keeps the repeat with the
 lowest p95. Every run is in the JSON. Prints a table and one JSON line. `--dims real` builds the
-published model and codec dimensions with random weights in memory (no download; the tiny tokenizer and
-text vocabulary stand in for Qwen's, which changes only the size of one embedding table).
+published model and codec dimensions with random weights in memory (no download; the tiny
+tokenizer and text vocabulary stand in for Qwen's, which changes only the size of one embedding
+table).
 """
 
 from __future__ import annotations

@@ -303,7 +303,8 @@ class RoomContext:
         candidates = [r for r in self._records if not r.resolved and r.played_s is None]
         candidates = [r for r in candidates if r.emitted_s > 0.0]
         if speech is not None:
-            candidates = [r for r in candidates if r.speech is not None and r.speech.id == speech.id]
+            candidates = [r for r in candidates
+                          if r.speech is not None and r.speech.id == speech.id]
         return candidates[0] if candidates else None
 
     def _on_speech_done(self, speech: SpeechHandle) -> None:

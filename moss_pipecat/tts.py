@@ -247,6 +247,7 @@ class MossTTSService(TTSService):
     async def on_audio_context_interrupted(self, context_id: str) -> None:
         """Stop the engine stream within one step, keeping the turn up to the played audio."""
         await self.stop_all_metrics()
+        self._failed_contexts.discard(context_id)  # an interrupted context is never "completed"
         turn = self._turns.pop(context_id, None)
         if turn is not None:
             played = self._interrupt_played.get(context_id, self._playout.played_s(context_id))
@@ -435,7 +436,8 @@ class MossTTSService(TTSService):
         cuts it at the played position even after the next reply started in the engine (a
         reply before a tool call still playing when the reply after it starts, say). The engine
         can cut only its last few finished turns, so at most that many are kept."""
-        finished = [(ctx, t) for ctx, t in self._turns.items() if t is not current and t.done.is_set()]
+        finished = [(ctx, t) for ctx, t in self._turns.items()
+                    if t is not current and t.done.is_set()]
         for i, (ctx, _) in enumerate(finished):
             heard_all = self._playout.played_s(ctx) >= self._playout.pushed_s(ctx) - 1e-3
             if heard_all or i < len(finished) - _CUTTABLE_TURNS:

@@ -260,7 +260,8 @@ class PagedContext:
             qp = q.new_zeros(batch * self.max_new, n_heads, head_dim)
             qp = qp.index_copy_(0, self.q_index, q).view(batch, self.max_new, n_heads, head_dim)
         if q.is_cuda:
-            keys, values = self._gather(pool.k[layer], q.dtype), self._gather(pool.v[layer], q.dtype)
+            keys = self._gather(pool.k[layer], q.dtype)
+            values = self._gather(pool.v[layer], q.dtype)
             out = attention(qp.transpose(1, 2), keys, values, self.mask)
         else:
             out = self._attend_cpu(layer, qp.transpose(1, 2))
