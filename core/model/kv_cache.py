@@ -198,9 +198,6 @@ class KVPool:
         table_rows = [self._tables[s][:max_blocks] for s in seq_ids]
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in table_rows],
                               dtype=torch.int64)
-        # Physical row of every logical row of every sequence [B, S].
-        logical = torch.arange(max_blocks * bs)
-        rows = (tables[:, logical // bs] * bs + logical % bs)[:, :max_total]
         single = max_new == 1  # one new row per sequence: packed queries are the padded ones
         if single:
             positions_list, seq_index, q_pos_list, q_index = starts, list(range(batch)), starts, None
@@ -213,7 +210,8 @@ class KVPool:
                           for st, n in zip(starts, new_rows, strict=True)]
             q_index = [i * max_new + j for i, n in enumerate(new_rows) for j in range(n)]
         positions = torch.tensor(positions_list, dtype=torch.int64)
-        slots = rows[torch.tensor(seq_index), positions]  # physical row of each new token
+        # physical row of each new token: its block's first row + its offset in the block
+        slots = tables[torch.tensor(seq_index), positions // bs] * bs + positions % bs
         q_pos = torch.tensor(q_pos_list, dtype=torch.int64).view(batch, max_new)
         mask = torch.arange(max_total)[None, None, :] <= q_pos[:, :, None]  # causal, within length
         for s, total in zip(seq_ids, totals, strict=True):
@@ -223,7 +221,7 @@ class KVPool:
             pool=self,
             positions=positions.to(dev),
             slots=slots.to(dev),
-            rows=rows.to(dev),
+            seq_len=max_total,
             mask=mask[:, None].to(dev),
             q_index=None if q_index is None else torch.tensor(q_index).to(dev),
             max_new=max_new,
@@ -239,7 +237,7 @@ class PagedContext:
     pool: KVPool
     positions: Tensor  # [N] absolute position of each new token
     slots: Tensor  # [N] physical pool row each new token is written to
-    rows: Tensor  # [B, S] physical pool rows of each sequence's context (padded)
+    seq_len: int  # S: the longest context in the batch (shorter ones are masked)
     mask: Tensor  # [B, 1, T, S] bool: query t may read key s
     q_index: Tensor | None  # [N] flat padded query slot (b * T + t); None when T == 1 (identity)
     max_new: int  # T: the longest new-row run in the batch
@@ -253,7 +251,7 @@ class PagedContext:
         pool = self.pool
         pool.k[layer].index_copy_(0, self.slots, k.to(pool.k.dtype))
         pool.v[layer].index_copy_(0, self.slots, v.to(pool.v.dtype))
-        batch, n_heads, head_dim = self.rows.shape[0], q.shape[1], q.shape[2]
+        batch, n_heads, head_dim = self.blocks.shape[0], q.shape[1], q.shape[2]
         if self.q_index is None:  # T == 1: token b is query b already
             qp = q.view(batch, 1, n_heads, head_dim)
         else:  # index_copy / index_select rather than boolean masks: no host sync on CUDA
@@ -290,7 +288,7 @@ class PagedContext:
     def _gather(self, store: Tensor, dtype: torch.dtype) -> Tensor:
         """One layer's pool [rows, KV, hd] -> each sequence's context [B, KV, S, hd]."""
         pool = self.pool
-        batch, seq = self.rows.shape
+        batch, seq = self.blocks.shape[0], self.seq_len
         blocks = store.view(-1, pool.block_size, pool.n_kv, pool.head_dim)
         picked = blocks.index_select(0, self.blocks.view(-1)).view(batch, -1, pool.n_kv,
                                                                   pool.head_dim)
