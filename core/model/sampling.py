@@ -13,7 +13,7 @@ and frame counter, never on which other rows share the batch, and nothing syncs 
 
 CPU fast path (batches of >= 3 rows that all have top_k > 0): only the max(top_k) + margin best
 entries per row are selected, ordered, filtered and hashed, instead of sorting and hashing the
-whole vocab; every draw is bit-identical to the full sort (see `_filter_top`; tests pin it). It
+whole vocab; every draw is bit-identical to the full sort (see `_top_host`; tests pin it). It
 runs on numpy views of the CPU tensors (one numpy call costs ~1 us, one small torch op ~5 us,
 and a draw is some 40 small steps), keeping torch only where the bits depend on its kernels
 (softmax, cumsum, log).
@@ -299,22 +299,10 @@ class SamplerBatch:
         return asc.masked_fill(remove, float("-inf")), order
 
     @staticmethod
-    def _filter_top(logits: Tensor, frame: FrameDraw) -> tuple[Tensor, Tensor] | None:
-        """`_filter_sorted` restricted to the `width` best entries (the fast path), or None when
-        some row's ties with its k-th value may run past them.
-
-        Returns the same ascending filtered values and vocab ids as the tail of the full sort,
-        front-padded with -inf to a length aligned with the vocab (see `_ALIGN`).
-        """
-        scaled = (logits / frame.divisor).detach().contiguous().numpy()
-        rows = np.arange(scaled.shape[0])[:, None]
-        top = _top_host(scaled, frame.width, frame.top_k.numpy(), frame.one_minus_top_p, rows)
-        return None if top is None else (torch.from_numpy(top[0]), torch.from_numpy(top[1]))
-
-    @staticmethod
     def _draw_host(logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor | None:
         """`draw` on the fast path in numpy (same steps, same bits); None when it cannot serve
-        this step (ties past the candidates, or logits of another dtype than prepared)."""
+        this step (ties past the candidates, or logits of another dtype than prepared): the
+        full sort then draws."""
         host = frame.host
         x = logits.detach().contiguous().numpy()
         if host is None or x.dtype != host.penalty.dtype:
@@ -346,8 +334,7 @@ class SamplerBatch:
         if frame.host is not None and (codes := self._draw_host(logits, codebook, frame)) is not None:
             return codes
         logits = self._penalize(logits, codebook, frame)
-        top = self._filter_top(logits, frame) if frame.width else None
-        asc, ids = top if top is not None else self._filter_sorted(logits, frame)
+        asc, ids = self._filter_sorted(logits, frame)
         if frame.noise is not None:
             noise = frame.noise[:, codebook].gather(1, ids)
         else:
@@ -401,8 +388,12 @@ def _at_least_fp32(logits: Tensor) -> Tensor:
 def _top_host(
     scaled: np.ndarray, width: int, top_k: np.ndarray, one_minus_top_p: Tensor, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Top-k and top-p over the `width` best entries of `scaled` [B, V] (see `_filter_top`);
-    `rows` is arange(B)[:, None] (fancy indexing: cheaper than take_along_axis)."""
+    """`_filter_sorted` restricted to the `width` best entries of `scaled` [B, V] (the fast
+    path), or None when some row's ties with its k-th value may run past them.
+
+    Returns the same ascending filtered values and vocab ids as the tail of the full sort,
+    front-padded with -inf to a length aligned with the vocab (see `_ALIGN`). `rows` is
+    arange(B)[:, None] (fancy indexing: cheaper than take_along_axis)."""
     batch, vocab = scaled.shape
     # The `width` largest per row (numpy's introselect: ~3x faster than torch.topk), put in the
     # full path's order: ascending value, ties by ascending vocab id (stable sort). numpy only
