@@ -207,7 +207,7 @@ class ConversationContext:
         Raises:
             ContextOverflowError: even without old turns the turn cannot fit.
         """
-        prefix_len = int(self.prefixes.rows(self.voice).shape[0])
+        prefix_len = self.prefix_len()
 
         def total() -> int:
             head = self.builder.assistant_prefix_rows(first=not self.turns).shape[0]

@@ -22,8 +22,9 @@ Command = Callable[[], None]
 class Gate:
     """Lock-protected admission state, command queue and wake-up event."""
 
-    def __init__(self, max_streams: int, max_conversations: int, max_turns_per_conversation: int = 8
-                 ) -> None:
+    def __init__(
+        self, max_streams: int, max_conversations: int, max_turns_per_conversation: int
+    ) -> None:
         self.max_streams, self.max_conversations = max_streams, max_conversations
         self.max_turns = max_turns_per_conversation
         self._lock = threading.Lock()

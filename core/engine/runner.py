@@ -114,7 +114,7 @@ class ModelRunner:
         audio: list[FrameAudio | None] = [None] * len(sel)
         if bool(valid.all()) and slot_ids == sorted(slot_ids):  # the usual tick: no reorder
             wave = self.codec.decode_step(codes, slots, self.codec_state)
-            audio = list(frame_audio(wave.float().cpu().numpy()))
+            audio = frame_audio(wave.float().cpu().numpy())
         elif bool(valid.any()):
             idx = valid.nonzero().flatten()
             idx = idx[slots[idx].argsort()]  # ascending slots: the codec's contiguous fast path

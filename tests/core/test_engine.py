@@ -370,7 +370,7 @@ async def test_admission_errors_are_immediate(parts):
 def test_closing_a_conversation_frees_exactly_one_place():
     """Prevents a conversation closed twice (or from two threads at once) from freeing two
     places, which let more than max_conversations in."""
-    gate = Gate(max_streams=2, max_conversations=2)
+    gate = Gate(max_streams=2, max_conversations=2, max_turns_per_conversation=8)
     a, _b = gate.open_conversation(), gate.open_conversation()
     for _ in range(3):
         gate.close_conversation(a, lambda: None)
