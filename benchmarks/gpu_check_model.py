@@ -1,6 +1,6 @@
 """GPU check for the model stream (not part of CI): correctness on CUDA, then frame timings.
 
-    .venv/bin/python benchmarks/gpu_check_model.py [--conformance ../shared/conformance]
+    .venv/bin/python benchmarks/gpu_check_model.py [--conformance tests/fixtures/conformance]
 
 1. Loads the conformance checkpoint on CUDA in fp32 and checks the prefill hidden states and the
    argmax codes of scenario `text_audio` against upstream's outputs (same checks as the CPU test).
@@ -59,7 +59,7 @@ def check_parity(conformance: Path, device: torch.device) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--conformance", type=Path, default=ROOT.parent / "shared" / "conformance")
+    p.add_argument("--conformance", type=Path, default=ROOT / "tests" / "fixtures" / "conformance")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--frames", type=int, default=20)

@@ -16,19 +16,18 @@ from core.model.noise import gumbel, gumbel_host, vocab_hash
 from core.prompt import PromptBuilder, TokenIds
 from core.text import load_tokenizer
 
-MODEL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "model"
-
 
 class _Turn:
     def __init__(self, frame: torch.Tensor) -> None:
         self.frames = [frame]
 
 
-def test_decode_rows_equal_the_builders_step_rows():
+def test_decode_rows_equal_the_builders_step_rows(conformance_dir: Path):
     """Prevents the batched decode rows from feeding the model anything other than what
     `PromptBuilder.step_row` builds (text id or text pad, then the previous frame)."""
-    config = ModelConfig.from_dict(json.loads((MODEL_DIR / "config.json").read_text()))
-    tok = load_tokenizer(MODEL_DIR)
+    model_dir = conformance_dir / "model"
+    config = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
+    tok = load_tokenizer(model_dir)
     builder = PromptBuilder(tok, TokenIds.from_tokenizer(tok, config))
     gen = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 1027, (5, 16), generator=gen)

@@ -1,6 +1,6 @@
 """Our model against the upstream code's own outputs on the conformance checkpoint (fp32, CPU).
 
-The pack (`../shared/conformance`) holds a tiny checkpoint written by upstream `save_pretrained`
+The pack (`tests/fixtures/conformance`) holds a tiny checkpoint written by upstream `save_pretrained`
 and what upstream inference computed on it: prefill/step rows, backbone hidden states, frame-0
 local logits and the argmax codes (with upstream's repetition penalty, and without it).
 """
@@ -15,20 +15,17 @@ import torch
 
 from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams
 
-CONFORMANCE = Path(__file__).parents[2].parent / "shared" / "conformance"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict[str, np.ndarray]:
-    if not CONFORMANCE.is_dir():
-        pytest.fail(f"conformance pack missing at {CONFORMANCE}")
-    return dict(np.load(CONFORMANCE / "ref_outputs.npz"))
+def ref(conformance_dir: Path) -> dict[str, np.ndarray]:
+    return dict(np.load(conformance_dir / "ref_outputs.npz"))
 
 
 @pytest.fixture(scope="module")
-def model() -> MossTTSRealtime:
-    return MossTTSRealtime.from_pretrained(CONFORMANCE / "model", dtype=torch.float32)
+def model(conformance_dir: Path) -> MossTTSRealtime:
+    return MossTTSRealtime.from_pretrained(conformance_dir / "model", dtype=torch.float32)
 
 
 def _run(model, kv, seq, ref, scenario, penalty):

@@ -28,29 +28,28 @@ from core.prompt import DELAY, PromptBuilder, TokenIds
 from core.text import encode_text, load_tokenizer
 from core.tiny import write_tiny_tokenizer
 
-CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
 DOUBLED = slice(185, 187)  # upstream's first `<|im_end|>\n` pair on turn 0
 TEXT_PAD, BOS, EOS, PAD = 426, 1025, 1026, 1024
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict[str, Any]:
-    npz = np.load(CONFORMANCE / "ref_outputs.npz")
+def ref(conformance_dir: Path) -> dict[str, Any]:
+    npz = np.load(conformance_dir / "ref_outputs.npz")
     out: dict[str, Any] = {k: torch.from_numpy(npz[k]) for k in npz.files if k.startswith("tts/")}
     for name in ("wav_prompt", "wav_user1", "wav_user2"):
         out[name] = torch.from_numpy(npz[f"codec/{name}/codes32"][:16].T.copy())
-    out["json"] = json.loads((CONFORMANCE / "ref_outputs.json").read_text())
+    out["json"] = json.loads((conformance_dir / "ref_outputs.json").read_text())
     return out
 
 
 @pytest.fixture(scope="module")
-def config() -> ModelConfig:
-    return ModelConfig.from_dict(json.loads((CONFORMANCE / "model" / "config.json").read_text()))
+def config(conformance_dir: Path) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads((conformance_dir / "model" / "config.json").read_text()))
 
 
 @pytest.fixture(scope="module")
-def pb(config: ModelConfig) -> PromptBuilder:
-    tok = load_tokenizer(CONFORMANCE / "model")
+def pb(config: ModelConfig, conformance_dir: Path) -> PromptBuilder:
+    tok = load_tokenizer(conformance_dir / "model")
     return PromptBuilder(tok, TokenIds.from_tokenizer(tok, config))
 
 
@@ -228,8 +227,8 @@ def test_assistant_turn_rows_equal_streamed_rows_plus_eos(
 
 
 def test_user_rows_layouts(tiny_pb: PromptBuilder) -> None:
-    """User turns: BOS 12 rows into long text, on the last token of short text, and (appendix 7)
-    never an EOS row hidden inside text that is too long for its audio."""
+    """User turns: BOS 12 rows into long text, on the last token of short text, and never an EOS
+    row hidden inside text that is too long for its audio (upstream's quirk, core/prompt.py)."""
     pb = tiny_pb
     codes = torch.randint(0, 1024, (3, 16), generator=torch.Generator().manual_seed(0))
     prefix = 1 + len(encode_text(pb.tokenizer, "user\n"))  # "<|im_start|>user\n" rows

@@ -46,9 +46,8 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def upstream_tokenizer() -> Any:
-    conformance = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
-    return load_tokenizer(conformance / "model")
+def upstream_tokenizer(conformance_dir: Path) -> Any:
+    return load_tokenizer(conformance_dir / "model")
 
 
 @pytest.fixture(params=["tiny", "upstream"])

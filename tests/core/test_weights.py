@@ -6,6 +6,7 @@ must learn which key or field is wrong at load time, not get a shape error deep 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,8 +19,6 @@ from core.errors import CheckpointError
 from core.model import KVPool, ModelConfig, MossTTSRealtime, SamplerBatch, SamplingParams
 from core.model.weights import DUPLICATE_TEXT_EMBED, official_shapes, official_to_ours
 from core.tiny import write_tiny_model
-
-CONFORMANCE = Path(__file__).parents[2].parent / "shared" / "conformance"
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +49,14 @@ def _config_with(tmp_path: Path, tiny: Path, edit) -> Path:
     return out
 
 
-def test_conformance_checkpoint_loads_and_round_trips(tmp_path: Path):
+def test_conformance_checkpoint_loads_and_round_trips(tmp_path: Path, conformance_dir: Path):
     """Prevents failing on the real on-disk format (written by upstream's save_pretrained) and
     writing checkpoints upstream could not read back."""
-    model = MossTTSRealtime.from_pretrained(CONFORMANCE / "model")
+    model = MossTTSRealtime.from_pretrained(conformance_dir / "model")
     assert model.dtype == torch.bfloat16 and model.config.text_pad_id == 426
     assert model.config.audio_pad_text_id == 425 and model.config.text_vocab_size == 448
     model.save_pretrained(tmp_path / "out")
-    original = load_file(CONFORMANCE / "model" / "model.safetensors")
+    original = load_file(conformance_dir / "model" / "model.safetensors")
     written = load_file(tmp_path / "out" / "model.safetensors")
     assert set(written) == set(original) and len(written) == 95
     for key, value in original.items():
@@ -283,3 +282,16 @@ def test_dtypes(tiny: Path):
         assert err < 0.1, (dtype, err)
     with pytest.raises(ValueError, match="dtype"):
         MossTTSRealtime.from_pretrained(tiny, dtype=torch.int8)
+
+
+def test_conformance_files_are_the_upstream_written_ones():
+    """Prevents a fixture edited by hand (or re-saved by our own code) from passing for upstream's:
+    every upstream-written file must still hash as recorded when upstream wrote it."""
+    pack = Path(__file__).resolve().parents[1] / "fixtures" / "conformance"
+    recorded = {}
+    for line in (pack / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        recorded[name] = digest
+    assert len(recorded) == 7 and "model/model.safetensors" in recorded
+    for name, digest in recorded.items():
+        assert hashlib.sha256((pack / name).read_bytes()).hexdigest() == digest, name
