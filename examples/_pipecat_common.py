@@ -95,7 +95,7 @@ class ScriptedLLM(FrameProcessor):
 
 
 def open_engine(
-    model: str | None, codec: str | None, *, device: str = "cpu", config: EngineConfig | None = None
+    model: str | None, codec: str | None, *, device: str = "auto", config: EngineConfig | None = None
 ) -> Engine:
     """The real checkpoint when given, else tiny random weights with a loud notice."""
     if (model is None) != (codec is None):
@@ -225,12 +225,13 @@ def build_voice_worker(
 def bot_arg_parser(description: str, *, port: int) -> argparse.ArgumentParser:
     """The command line both voice bots share (engine, voice, services, where to listen)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (0.0.0.0: all; put TLS in front of it)")
     parser.add_argument("--port", type=int, default=port)
     parser.add_argument("--model", help="model directory or hub id (default: tiny weights)")
     parser.add_argument("--codec", help="codec directory or hub id (with --model)")
     parser.add_argument("--voice", help="reference recording for the voice prompt")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
     parser.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
     parser.add_argument("--stt", choices=["none", "openai", "deepgram"], default="none")
     return parser

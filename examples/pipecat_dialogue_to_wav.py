@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="model directory or hub id (default: tiny weights)")
     parser.add_argument("--codec", help="codec directory or hub id (with --model)")
     parser.add_argument("--voice", type=Path, help="reference recording for the voice prompt")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -27,6 +27,7 @@ from livekit.agents.types import (
 from livekit.agents.voice.io import TimedString
 
 from core import Conversation, Engine, EngineConfig, SamplingParams, Voice
+from core.languages import check_language
 
 from .engine import DEFAULT_CODEC, DEFAULT_MODEL, shared_engine
 from .errors import to_api_error
@@ -48,6 +49,7 @@ class _TTSOptions:
     voice: VoiceSource | None
     sampling: SamplingParams | None
     frame_size_ms: int
+    language: str | None = None  # checked only: the model speaks the text's own language
 
 
 class TTS(tts.TTS):
@@ -60,7 +62,7 @@ class TTS(tts.TTS):
         engine: a loaded engine to use; None loads (once per process) `model` + `codec`.
         model: model directory or hub id, used when `engine` is None.
         codec: codec directory or hub id, used when `engine` is None.
-        device: device for a lazily loaded engine ("cuda", "cpu"; None picks CUDA when present).
+        device: device for a lazily loaded engine ("auto": CUDA when present; "cpu", "cuda:N").
         engine_config: `EngineConfig` for a lazily loaded engine.
         voice: reference audio (path, bytes, float array at 24 kHz), a loaded `Voice`, or None
             for the model's default voice.
@@ -68,6 +70,9 @@ class TTS(tts.TTS):
         frame_size_ms: the largest audio frame LiveKit receives (its emitter re-chunks PCM).
         capture_user_audio: also give the model the user's speech of each turn (tapped from
             the session's audio input while VAD reports the user speaking), not only the text.
+        language: a check, not a switch (the model has no language input and speaks the text in
+            the language it is written in): None or a language it speaks ("en", "pt-BR", a
+            `LanguageCode`; see `core.languages`) is accepted, any other raises `ValueError`.
     """
 
     def __init__(
@@ -76,12 +81,13 @@ class TTS(tts.TTS):
         engine: Engine | None = None,
         model: str | Path = DEFAULT_MODEL,
         codec: str | Path = DEFAULT_CODEC,
-        device: str | None = None,
+        device: str = "auto",
         engine_config: EngineConfig | None = None,
         voice: VoiceSource | None = None,
         sampling: SamplingParams | None = None,
         frame_size_ms: int = 200,
         capture_user_audio: bool = True,
+        language: str | None = None,
     ) -> None:
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
@@ -100,7 +106,10 @@ class TTS(tts.TTS):
         self._capture_user_audio = bool(capture_user_audio)
         self._engine_args = (model, codec, device, engine_config)
         self._opts = _TTSOptions(
-            voice=_check_voice(voice), sampling=_check_sampling(sampling), frame_size_ms=frame_size_ms
+            voice=_check_voice(voice),
+            sampling=_check_sampling(sampling),
+            frame_size_ms=frame_size_ms,
+            language=check_language(language),
         )
         self._voices: dict[Any, Voice] = {}
         self._rooms: weakref.WeakKeyDictionary[AgentSession, RoomContext] = (
@@ -143,13 +152,20 @@ class TTS(tts.TTS):
         *,
         voice: NotGivenOr[VoiceSource | None] = NOT_GIVEN,
         sampling: NotGivenOr[SamplingParams | None] = NOT_GIVEN,
+        language: NotGivenOr[str | None] = NOT_GIVEN,
     ) -> None:
         """Change the voice or sampling; a turn already speaking keeps its own, the next one uses
-        the new values (the engine rebuilds the voice prefix from that turn on)."""
+        the new values (the engine rebuilds the voice prefix from that turn on). `language` is
+        only checked (see the class docstring): an unspoken one raises `ValueError` and the
+        options stay as they were."""
+        if utils.is_given(language):
+            language = check_language(language)  # first, so a refusal changes nothing
         if utils.is_given(voice):
             self._opts.voice = _check_voice(voice)
         if utils.is_given(sampling):
             self._opts.sampling = _check_sampling(sampling)
+        if utils.is_given(language):
+            self._opts.language = language
 
     def prewarm(self) -> None:
         """Load the engine and the voice in the background (LiveKit calls this on the loop)."""

@@ -35,11 +35,13 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TextAggregationMode, TTSService
+from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from core import Conversation, Engine, EngineConfig, SamplingParams, Voice, WordTiming
 from core.errors import MossError, StreamCancelled
+from core.languages import check_language
 from moss_pipecat.engine_turn import EngineTurn, is_cjk
 from moss_pipecat.turns import PlayoutClock, UserTurnQueue, fade_out
 
@@ -59,6 +61,10 @@ class MossTTSSettings(TTSSettings):
         top_k: Keep only the k most likely tokens (0 = no limit).
         repetition_penalty: Penalty (>= 1 discourages) for codes repeated in the recent window.
         seed: Seed of the conversation's random generator (None = random).
+        language: A check, not a switch: the model has no language input and speaks the text in
+            the language it is written in. None or a language it speaks (`core.languages`;
+            "en", "pt-BR", `Language.ZH`) is accepted, stored as the model's code and used by
+            Pipecat's sentence splitter; any other language is refused with an error.
     """
 
     temperature: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
@@ -88,7 +94,7 @@ class MossTTSService(TTSService):
         engine: Engine | None = None,
         model: str | None = None,
         codec: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         engine_config: EngineConfig | None = None,
         settings: MossTTSSettings | None = None,
         text_aggregation_mode: TextAggregationMode = TextAggregationMode.TOKEN,
@@ -127,6 +133,7 @@ class MossTTSService(TTSService):
         )
         if settings is not None:
             store.apply_update(settings)
+        store.language = check_language(store.language)  # an unspoken language fails here
         _sampling_from(store)  # bad values fail here, at construction
         if not _voice_file_ok(store.voice):
             raise ValueError(f"voice file not found: {store.voice}")
@@ -323,8 +330,25 @@ class MossTTSService(TTSService):
                 if turn is not None:
                     turn.interruptible = frame.interruptible
 
+    def language_to_service_language(self, language: Language) -> str | None:
+        """The model's code for `language` ("zh" for `Language.CMN_CN`); None if unspoken."""
+        try:
+            return check_language(language)
+        except ValueError:
+            return None
+
     async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
-        """Validate (rolling back bad sampling values); turns opened from now on use the result."""
+        """Validate (rolling back bad sampling values); turns opened from now on use the result.
+
+        A language the model does not speak is refused before anything applies, so the old
+        language stays (and Pipecat's sentence splitter keeps it too).
+        """
+        if not isinstance(delta.language, NotGiven):
+            try:
+                delta.language = check_language(delta.language)
+            except (TypeError, ValueError) as e:
+                delta.language = NOT_GIVEN
+                await self.push_error(error_msg=f"{self}: language refused: {e}", exception=e)
         previous = {name: getattr(self._settings, name) for name in (*_SAMPLING_FIELDS, "voice")}
         changed = await super()._update_settings(delta)
         voice = self._settings.voice

@@ -21,6 +21,7 @@ import torch
 
 from core.codec import MossAudioCodec
 from core.conversation import Conversation, ConversationContext, PrefixCache
+from core.device import resolve_device
 from core.engine.config import EngineConfig
 from core.engine.gate import Gate, Job
 from core.engine.metrics import EngineStats
@@ -71,16 +72,17 @@ class Engine:
         model: str | Path,
         codec: str | Path,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         dtype: torch.dtype | None = None,
         config: EngineConfig | None = None,
     ) -> Engine:
         """Load model (with its tokenizer) and codec from local dirs or hub ids.
 
+        `device` is "auto" (CUDA when available, else the CPU with a warning), "cpu" or "cuda:N".
         `dtype` is the model's compute dtype: default bfloat16 on CUDA, float32 on CPU
         (float64 is accepted for exactness tests). The codec always runs in float32.
         """
-        device = torch.device(device)
+        device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model_dir = resolve_pretrained(model)
