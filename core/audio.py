@@ -19,6 +19,11 @@ from core.errors import InvalidAudioError
 
 AudioSource = str | Path | bytes | bytearray | memoryview | np.ndarray
 _MAX_CHANNELS = 8
+# Reference (voice prompt) audio policy; `core.voices` documents why each limit is what it is.
+REFERENCE_MIN_SECONDS = 1.0
+REFERENCE_MAX_SECONDS = 30.0
+REFERENCE_SILENCE_PEAK = 1e-3  # -60 dBFS
+REFERENCE_CLIP_FRACTION = 0.01
 
 
 def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -59,6 +64,36 @@ def read_audio(source: AudioSource, sample_rate: int | None = None) -> tuple[np.
     if sample_rate is not None and sample_rate != rate:
         raise InvalidAudioError(f"sample_rate={sample_rate} given, but the audio is {rate} Hz")
     return _finite(_downmix(data)), rate
+
+
+def check_reference_audio(
+    audio: np.ndarray,
+    rate: int,
+    *,
+    min_seconds: float = REFERENCE_MIN_SECONDS,
+    max_seconds: float = REFERENCE_MAX_SECONDS,
+    silence_peak: float = REFERENCE_SILENCE_PEAK,
+    clip_fraction: float = REFERENCE_CLIP_FRACTION,
+) -> None:
+    """Raise `InvalidAudioError` if `read_audio`'s output cannot serve as a voice prompt.
+
+    Pure (no codec, no torch), so the CLI rejects a bad `--voice` in a second, before a model load
+    that takes minutes, with the same rules the engine applies (see `core.voices`).
+    """
+    seconds = audio.shape[0] / rate
+    if seconds < min_seconds:
+        raise InvalidAudioError(f"reference audio is too short: {seconds:.2f} s < {min_seconds:g} s")
+    if seconds > max_seconds:
+        raise InvalidAudioError(
+            f"reference audio is too long: {seconds:.1f} s > {max_seconds:g} s; "
+            "trim it to the excerpt you want (it is not cut automatically)"
+        )
+    peak = float(np.abs(audio).max())
+    if peak < silence_peak:
+        raise InvalidAudioError(f"reference audio is silent (peak {peak:.2e})")
+    clipped = float(np.mean(np.abs(audio) >= 0.99))
+    if clipped > clip_fraction:
+        raise InvalidAudioError(f"reference audio is clipped: {clipped:.1%} of samples at full scale")
 
 
 def _decode(file: Path | io.BytesIO, what: str) -> tuple[np.ndarray, int]:

@@ -1,44 +1,103 @@
 """`moss-tts` command line: stream a text through the engine into a WAV file.
 
     moss-tts say "Hello there. How are you?" -o out.wav [--voice ref.wav]
-             [--model DIR_OR_ID --codec DIR_OR_ID | --tiny] [--device cuda]
+             [--model DIR_OR_ID --codec DIR_OR_ID | --tiny] [--device auto] [--debug]
 
 The text is pushed word by word, as an LLM would stream it, so the run exercises the same path as
 the plugins (incremental tokenization, text lead, chunked audio). `--tiny` uses random tiny
 weights written to a temporary directory: the audio is noise, useful only to check the plumbing.
+
+Every argument is checked before the weights load (a real load takes minutes): the cheap checks
+(text, output path, reference audio, checkpoint directories) run before torch is even imported,
+then the device and the full configs. A mistake prints one line, `moss-tts: error: ...`, and exits
+with code 2; an unexpected failure (a bug) prints one line and exits with 1. `--debug` adds the
+traceback. Progress goes to stderr, the one-line summary to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import re
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
+from core.audio import check_reference_audio, read_audio
+from core.errors import (
+    CheckpointError,
+    ContextOverflowError,
+    InvalidAudioError,
+    TextTooLongError,
+)
+from core.hub import (
+    CODEC_SECTIONS,
+    MODEL_SECTIONS,
+    MODEL_TYPE,
+    CheckpointKind,
+    checkpoint_kind,
+    local_dir_or_hub_id,
+    read_json,
+    resolve_pretrained,
+    safetensors_files,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from core import EngineConfig, SamplingParams
+
 DEFAULT_MODEL = "OpenMOSS-Team/MOSS-TTS-Realtime"
 DEFAULT_CODEC = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
+SAMPLE_RATE = 24000
+USAGE_EXIT = 2  # the user can fix it: arguments, files, checkpoints
+BUG_EXIT = 1
+_USER_ERRORS = (CheckpointError, InvalidAudioError, TextTooLongError, ContextOverflowError)
+_WHAT = {"model": "MOSS-TTS-Realtime model", "codec": "MOSS-Audio-Tokenizer codec"}
+_FLAG = {"model": "--model", "codec": "--codec"}
+_CODEC_FILES = ["*.json", "*.safetensors"]  # what MossAudioCodec.from_pretrained fetches
+
+
+class CliError(Exception):
+    """A problem the user can fix (argument, file, checkpoint): one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage block is several lines; keep the one-line error contract."""
+        raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moss-tts", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moss-tts", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     say = sub.add_parser("say", help="synthesize text into a WAV file")
     say.add_argument("text", help="text to speak ('-' reads stdin)")
     say.add_argument("-o", "--output", type=Path, required=True, help="output .wav path")
-    say.add_argument("--voice", help="reference audio of the voice to clone")
-    say.add_argument("--model", default=DEFAULT_MODEL, help="model directory or hub id")
-    say.add_argument("--codec", default=DEFAULT_CODEC, help="codec directory or hub id")
+    say.add_argument("--voice", help="reference audio of the voice to clone (1-30 s)")
+    say.add_argument("--model", help=f"model directory or hub id (default {DEFAULT_MODEL})")
+    say.add_argument("--codec", help=f"codec directory or hub id (default {DEFAULT_CODEC})")
     say.add_argument("--tiny", action="store_true", help="random tiny weights (plumbing check)")
-    say.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    say.add_argument("--device", default="auto",
+                     help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     say.add_argument("--seed", type=int, default=None)
     say.add_argument("--temperature", type=float, default=0.8)
     say.add_argument("--max-frames", type=int, default=1500, help="frame cap per turn (80 ms)")
+    say.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
+
+
+def _note(message: str) -> None:
+    """Progress on stderr, so stdout keeps only the summary line."""
+    print(f"moss-tts: {message}", file=sys.stderr, flush=True)
 
 
 def _deltas(text: str) -> list[str]:
@@ -46,27 +105,182 @@ def _deltas(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
 
 
-async def _say(args: argparse.Namespace, model: str, codec: str) -> int:
+# -- checks before anything slow: no torch, no network ----------------------------------------------
+def _check_output(output: Path) -> Path:
+    """The WAV must be creatable: probing now beats losing a finished synthesis at the end."""
+    path = output.expanduser()
+    if path.suffix.lower() != ".wav":
+        raise CliError(f"-o {output}: the output must be a .wav file")
+    if path.is_dir():
+        raise CliError(f"-o {output}: is a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CliError(f"-o {output}: exists and is not writable")
+    existing = path.parent  # the directory is created at write time: probe its nearest ancestor
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"-o {output}: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".moss-tts-", suffix=".probe")
+    except OSError as exc:
+        raise CliError(f"-o {output}: cannot write in {existing} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def _check_voice(voice: str) -> Path:
+    """Same read and rules as `Engine.load_voice`, minus the codec (which needs the weights)."""
+    path = Path(voice).expanduser()
+    if not path.exists():
+        raise CliError(f"--voice {voice}: no such file")
+    if not path.is_file():
+        raise CliError(f"--voice {voice}: not a file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"--voice {voice}: not readable (permission denied)")
+    try:
+        audio, rate = read_audio(path)
+        check_reference_audio(audio, rate)
+    except InvalidAudioError as exc:
+        raise CliError(f"--voice {voice}: {exc}") from exc
+    return path
+
+
+def _check_checkpoint(directory: Path, want: CheckpointKind) -> None:
+    """A local checkpoint must be the kind its flag names; swapped flags get said as such."""
+    flag = _FLAG[want]
+    try:
+        config = read_json(directory / "config.json")
+    except CheckpointError as exc:
+        raise CliError(f"{flag}: {exc}; expected a {_WHAT[want]} checkpoint") from exc
+    kind = checkpoint_kind(config)
+    if kind is not None and kind != want:
+        raise CliError(f"{flag} points at a {kind} checkpoint; did you swap --model and --codec?")
+    if kind is None:
+        sections = MODEL_SECTIONS if want == "model" else CODEC_SECTIONS
+        missing = [key for key in sections if key not in config]
+        why = (f"no {', '.join(missing)} in its config.json" if missing
+               else f"config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+        raise CliError(f"{flag} {directory}: not a {_WHAT[want]} checkpoint ({why})")
+    try:
+        safetensors_files(directory)
+    except CheckpointError as exc:
+        raise CliError(f"{flag}: {exc}") from exc
+
+
+def _check_source(name: str, want: CheckpointKind) -> Path | str:
+    """A local directory (checked now) or a hub id (fetched later, then checked the same way)."""
+    try:
+        local = local_dir_or_hub_id(name)
+    except CheckpointError as exc:
+        raise CliError(f"{_FLAG[want]}: {exc}") from exc
+    if isinstance(local, Path):
+        _check_checkpoint(local, want)
+    return local
+
+
+# -- checks that need torch, still before the weights ----------------------------------------------
+def _check_device(device: str) -> torch.device:
+    """The engine's `resolve_device` rule, plus what would otherwise fail only at load time."""
     import torch
 
-    from core import Engine, EngineConfig, SamplingParams
+    from core.device import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = EngineConfig(max_streams=1, max_conversations=1, lead_s=None,
-                          max_frames_per_turn=args.max_frames,
-                          max_text_chars=max(20_000, len(args.text) + 1))
-    started = time.monotonic()
-    engine = Engine.from_pretrained(model, codec, device=device, config=config)
     try:
-        loaded = time.monotonic()
-        voice = await engine.load_voice(args.voice) if args.voice else None
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise CliError(f"--device: {exc}") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: only auto, cpu, cuda and cuda:N are supported")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+            raise CliError(f"--device {device}: torch {torch.__version__} sees no CUDA device "
+                           f"({build}); use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise CliError(f"--device {device}: only {count} CUDA device(s) visible")
+    return resolved
+
+
+def _check_configs(model_dir: Path, codec_dir: Path) -> None:
+    """Parse both configs fully now: a bad codec config must not wait for the model's weights."""
+    from core.codec.config import CodecConfig
+    from core.model.config import ModelConfig
+
+    for flag, directory, parse in (("--model", model_dir, ModelConfig.from_dict),
+                                   ("--codec", codec_dir, CodecConfig.from_dict)):
+        try:
+            parse(read_json(directory / "config.json"))
+        except CheckpointError as exc:
+            raise CliError(f"{flag} {directory}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything `say` needs once the arguments are checked."""
+
+    text: str
+    output: Path
+    voice: Path | None
+    device: torch.device
+    engine_config: EngineConfig
+    sampling: SamplingParams
+
+
+def _job(args: argparse.Namespace, text: str, output: Path, voice: Path | None) -> _Job:
+    from core import EngineConfig, SamplingParams
+
+    device = _check_device(args.device)
+    try:
+        config = EngineConfig(max_streams=1, max_conversations=1, lead_s=None,
+                              max_frames_per_turn=args.max_frames,
+                              max_text_chars=max(20_000, len(text) + 1))
+    except ValueError as exc:
+        raise CliError(f"--max-frames: {exc}") from exc
+    try:
         sampling = SamplingParams(temperature=args.temperature, seed=args.seed)
-        conv = engine.conversation(voice=voice, sampling=sampling)
+    except ValueError as exc:
+        raise CliError(f"--temperature/--seed: {exc}") from exc
+    return _Job(text, output, voice, device, config, sampling)
+
+
+# -- load, speak, write --------------------------------------------------------------------------
+def _fetch(source: Path | str, want: CheckpointKind) -> Path:
+    """Resolve a hub id to its snapshot before any weights load, and check it like a local dir."""
+    if isinstance(source, Path):
+        return source
+    _note(f"fetching {want} {source} from the Hugging Face hub (or its cache) ...")
+    patterns = _CODEC_FILES if want == "codec" else None
+    try:
+        directory = resolve_pretrained(source, allow_patterns=patterns)
+    except CheckpointError as exc:
+        raise CliError(f"{_FLAG[want]}: {exc}") from exc
+    _check_checkpoint(directory, want)
+    return directory
+
+
+async def _say(job: _Job, model_dir: Path, codec_dir: Path, label: str) -> int:
+    from core import Engine
+
+    _note(f"loading {label} on {job.device} ...")
+    started = time.monotonic()
+    engine = Engine.from_pretrained(model_dir, codec_dir, device=job.device,
+                                    config=job.engine_config)
+    try:
+        load_s = time.monotonic() - started
+        _note(f"model and codec loaded in {load_s:.1f} s")
+        voice = None
+        if job.voice is not None:
+            t = time.monotonic()
+            voice = await engine.load_voice(job.voice)
+            _note(f"voice {job.voice} encoded in {time.monotonic() - t:.1f} s")
+        conv = engine.conversation(voice=voice, sampling=job.sampling)
         pcm: list[bytes] = []
         t0 = time.monotonic()
         first: float | None = None
         async with conv.speak() as stream:
-            for delta in _deltas(args.text):
+            for delta in _deltas(job.text):
                 stream.push_text(delta)
             stream.end_text()
             async for chunk in stream:
@@ -76,32 +290,78 @@ async def _say(args: argparse.Namespace, model: str, codec: str) -> int:
     finally:
         engine.close()
     audio = np.frombuffer(b"".join(pcm), dtype="<i2")
-    import soundfile
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(args.output), audio, 24000, subtype="PCM_16")
-    seconds = audio.size / 24000
-    print(f"wrote {args.output}: {seconds:.2f} s of audio; load {loaded - started:.1f} s, "
+    _write_wav(job.output, audio)
+    seconds = audio.size / SAMPLE_RATE
+    print(f"wrote {job.output}: {seconds:.2f} s of audio; load {load_s:.1f} s, "
           f"first audio {1000 * (first or 0):.0f} ms, generation {elapsed:.2f} s "
-          f"(RTF {elapsed / max(seconds, 1e-9):.2f}) on {device}")
+          f"(RTF {elapsed / max(seconds, 1e-9):.2f}) on {job.device}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.text == "-":
-        args.text = sys.stdin.read()
-    if not args.text.strip():
-        print("moss-tts: nothing to say (empty text)", file=sys.stderr)
-        return 2
+def _write_wav(path: Path, audio: np.ndarray) -> None:
+    import soundfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), audio, SAMPLE_RATE, subtype="PCM_16")
+    except (OSError, RuntimeError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+        raise CliError(f"cannot write {path}: {exc}") from exc
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.tiny and (args.model is not None or args.codec is not None):
+        raise CliError("--tiny brings its own random weights; drop --model/--codec or --tiny")
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise CliError("nothing to say (empty text)")
+    output = _check_output(args.output)
+    voice = _check_voice(args.voice) if args.voice else None
+    if voice is not None and voice.resolve() == output.resolve():
+        raise CliError(f"-o {args.output}: would overwrite the --voice file")
     if args.tiny:
+        job = _job(args, text, output, voice)
         from core.tiny import write_tiny
 
-        print("moss-tts: --tiny uses RANDOM weights: the output is noise", file=sys.stderr)
+        _note("--tiny uses RANDOM weights: the output is noise")
         with tempfile.TemporaryDirectory(prefix="moss-tiny-") as tmp:
             model_dir, codec_dir = write_tiny(tmp)
-            return asyncio.run(_say(args, str(model_dir), str(codec_dir)))
-    return asyncio.run(_say(args, args.model, args.codec))
+            return asyncio.run(_say(job, model_dir, codec_dir, "tiny random model and codec"))
+    model = _check_source(DEFAULT_MODEL if args.model is None else args.model, "model")
+    codec = _check_source(DEFAULT_CODEC if args.codec is None else args.codec, "codec")
+    job = _job(args, text, output, voice)
+    model_dir, codec_dir = _fetch(model, "model"), _fetch(codec, "codec")
+    _check_configs(model_dir, codec_dir)
+    label = f"model {model} and codec {codec}"
+    return asyncio.run(_say(job, model_dir, codec_dir, label))
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> int:
+    """One line (messages with newlines are joined), or the full traceback with --debug."""
+    if debug:
+        traceback.print_exception(exc)
+    message = " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if code == BUG_EXIT:
+        message = f"unexpected {type(exc).__name__}: {message}" + (
+            "" if debug else " (rerun with --debug for the traceback)")
+    print(f"moss-tts: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `moss-tts`; returns the exit code (0 ok, 1 bug, 2 user error, 130 ^C)."""
+    logging.basicConfig(format="moss-tts: %(message)s")  # the device warning, as one line
+    debug = False
+    try:
+        args = _parser().parse_args(argv)
+        debug = args.debug
+        return _run(args)
+    except KeyboardInterrupt:
+        print("moss-tts: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except (CliError, *_USER_ERRORS) as exc:
+        return _fail(exc, USAGE_EXIT, debug)
+    except Exception as exc:  # a bug: still one line unless --debug
+        return _fail(exc, BUG_EXIT, debug)
 
 
 if __name__ == "__main__":

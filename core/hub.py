@@ -10,21 +10,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from safetensors import safe_open
 
 from core.errors import CheckpointError
 
+if TYPE_CHECKING:  # torch only in annotations: the CLI checks paths here before importing it
+    import torch
+
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+MODEL_TYPE = "moss_tts_realtime"
+# The sections each loader cannot do without (core/model/config.py, core/codec/config.py).
+MODEL_SECTIONS = ("language_config", "local_config")
+CODEC_SECTIONS = ("encoder_kwargs", "decoder_kwargs", "quantizer_kwargs")
+
+CheckpointKind = Literal["model", "codec"]
 
 
-def resolve_pretrained(
-    name_or_path: str | Path, *, allow_patterns: Iterable[str] | None = None
-) -> Path:
-    """Return a local directory for `name_or_path`: an existing directory, or a hub snapshot."""
+def local_dir_or_hub_id(name_or_path: str | Path) -> Path | str:
+    """An existing directory as a `Path`, else the name as a hub id; raises if it is neither.
+
+    No network and no torch: callers can reject a typo before anything slow starts.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -33,9 +42,42 @@ def resolve_pretrained(
         raise CheckpointError(f"{name!r} is a file; expected a checkpoint directory or a hub id")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name!r} is neither an existing directory nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    return name
 
+
+def checkpoint_kind(config: dict[str, Any]) -> CheckpointKind | None:
+    """Which checkpoint a `config.json` describes, judged by the sections its loader reads.
+
+    Lets a caller say "you passed the codec where the model goes" instead of a missing-field
+    error from the wrong parser.
+    """
+    model_type = config.get("model_type", MODEL_TYPE)  # absent: trust the sections
+    if all(key in config for key in MODEL_SECTIONS) and model_type == MODEL_TYPE:
+        return "model"
+    if all(key in config for key in CODEC_SECTIONS):
+        return "codec"
+    return None
+
+
+def resolve_pretrained(
+    name_or_path: str | Path, *, allow_patterns: Iterable[str] | None = None
+) -> Path:
+    """Return a local directory for `name_or_path`: an existing directory, or a hub snapshot."""
+    local = local_dir_or_hub_id(name_or_path)
+    if isinstance(local, Path):
+        return local
+    name = local
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # The hub client's exceptions carry pages of context; a caller (the CLI, LiveKit's
+    # download-files) needs one line: which repo, why, and what to do.
     try:
         return Path(
             snapshot_download(
@@ -43,14 +85,25 @@ def resolve_pretrained(
             )
         )
     except LocalEntryNotFoundError as exc:
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the hub did not answer"
         raise CheckpointError(
-            f"{name!r} is not a local directory, and as a hub id it is not in the local Hugging "
-            f"Face cache while the hub cannot be reached (offline?): download it first, e.g. "
-            f"`huggingface-cli download {name}`"
+            f"{name!r} is not a local directory nor in the HF cache, and this machine is offline "
+            f"({why}): it needs network access or a pre-filled HF cache; run `hf download {name}`"
+        ) from exc
+    except GatedRepoError as exc:
+        raise CheckpointError(
+            f"{name!r} is a gated repo: accept its terms on huggingface.co, then `hf auth login`"
+        ) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise CheckpointError(
+            f"{name!r} is not a local directory nor a hub repo you can read: check the id, or "
+            f"`hf auth login` for a private one"
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{name!r} is not a local directory, and fetching it as a hub id failed: {exc}"
+            f"{name!r} is not a local directory, and fetching it as a hub id failed: "
+            f"{type(exc).__name__}: {first}"
         ) from exc
 
 

@@ -1,6 +1,7 @@
 """Voices: reference audio validated, encoded once to 16 codebooks, cached by content hash.
 
-Validation policy for reference (voice prompt) audio, checked on the input before resampling:
+Validation policy for reference (voice prompt) audio, checked on the input before resampling
+(`core.audio.check_reference_audio`, pure, so the CLI applies it before any weights load):
 
 - unreadable / NaN / inf / bad dtype or shape: `InvalidAudioError` from `core.audio.read_audio`;
 - too short: under `min_seconds` (default 1.0 s) there is too little voice to clone;
@@ -26,7 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import AudioSource, read_audio, resample
+from core.audio import (
+    REFERENCE_CLIP_FRACTION,
+    REFERENCE_MAX_SECONDS,
+    REFERENCE_MIN_SECONDS,
+    REFERENCE_SILENCE_PEAK,
+    AudioSource,
+    check_reference_audio,
+    read_audio,
+    resample,
+)
 from core.codec import MossAudioCodec
 from core.errors import InvalidAudioError
 
@@ -71,10 +81,10 @@ class VoiceEncoder:
         self,
         codec: MossAudioCodec,
         *,
-        min_seconds: float = 1.0,
-        max_seconds: float = 30.0,
-        silence_peak: float = 1e-3,
-        clip_fraction: float = 0.01,
+        min_seconds: float = REFERENCE_MIN_SECONDS,
+        max_seconds: float = REFERENCE_MAX_SECONDS,
+        silence_peak: float = REFERENCE_SILENCE_PEAK,
+        clip_fraction: float = REFERENCE_CLIP_FRACTION,
         cache_size: int = 64,
     ) -> None:
         if not 0 < min_seconds <= max_seconds:
@@ -116,24 +126,10 @@ class VoiceEncoder:
         return self.codec.frame_samples / self.codec.sample_rate
 
     def _validate(self, audio: np.ndarray, rate: int) -> None:
-        seconds = audio.shape[0] / rate
-        if seconds < self.min_seconds:
-            raise InvalidAudioError(
-                f"reference audio is too short: {seconds:.2f} s < {self.min_seconds:g} s"
-            )
-        if seconds > self.max_seconds:
-            raise InvalidAudioError(
-                f"reference audio is too long: {seconds:.1f} s > {self.max_seconds:g} s; "
-                "trim it to the excerpt you want (it is not cut automatically)"
-            )
-        peak = float(np.abs(audio).max())
-        if peak < self.silence_peak:
-            raise InvalidAudioError(f"reference audio is silent (peak {peak:.2e})")
-        clipped = float(np.mean(np.abs(audio) >= 0.99))
-        if clipped > self.clip_fraction:
-            raise InvalidAudioError(
-                f"reference audio is clipped: {clipped:.1%} of samples at full scale"
-            )
+        check_reference_audio(
+            audio, rate, min_seconds=self.min_seconds, max_seconds=self.max_seconds,
+            silence_peak=self.silence_peak, clip_fraction=self.clip_fraction,
+        )
 
     def _encode(self, audio: np.ndarray, rate: int) -> torch.Tensor:
         audio = resample(audio, rate, self.codec.sample_rate)
