@@ -5,10 +5,15 @@ engine (THREAD executor, one model in memory, turns of all rooms batched on one 
     python examples/livekit_agent.py console --text   # no LiveKit server; needs libportaudio2
     python examples/livekit_agent.py dev              # against a server: LIVEKIT_URL, _API_KEY, _SECRET
 
+`console --text` checks the wiring only: a session without an audio output never calls its TTS.
+`python examples/livekit_tts_check.py -o out/` is the check that the plugin really speaks.
+`download-files` needs network access (or a pre-filled Hugging Face cache); when it cannot fetch
+the weights it says which repo and why, and exits with status 1.
+
 Environment:
     MOSS_MODEL, MOSS_CODEC  directory or hub id (defaults: the OpenMOSS checkpoints)
     MOSS_TINY=1             tiny random weights instead (a smoke test: the speech is noise)
-    MOSS_DEVICE             "cuda" / "cpu" (default: CUDA when available)
+    MOSS_DEVICE             "auto" (default: CUDA when available), "cpu", "cuda:N"
     MOSS_VOICE              reference audio file for voice cloning (optional)
     AGENT_LLM, AGENT_STT    LiveKit Inference model ids, e.g. "openai/gpt-4.1-mini" and
                             "deepgram/nova-3"; without AGENT_LLM a local echo LLM answers, so the
@@ -89,7 +94,7 @@ def setup(proc: JobProcess) -> None:
     """Runs once per executor; in THREAD mode all rooms then get the same engine."""
     model, codec = _weights()
     moss_livekit.prewarm(
-        proc, model=model, codec=codec, device=os.environ.get("MOSS_DEVICE"),
+        proc, model=model, codec=codec, device=os.environ.get("MOSS_DEVICE", "auto"),
         config=EngineConfig(max_streams=16, max_conversations=32),
     )
 

@@ -1,7 +1,7 @@
 """A phone bot: Twilio-style media streams over a websocket, 8 kHz mu-law, MOSS-TTS-Realtime voice.
 
     python examples/pipecat_phone_bot.py [--model DIR --codec DIR] [--voice ref.wav]
-        [--llm scripted|openai] [--stt none|openai|deepgram] [--port 8765]
+        [--llm scripted|openai] [--stt none|openai|deepgram] [--host 127.0.0.1] [--port 8765]
 
 Point a Twilio number's voice webhook at `https://YOUR_HOST/twiml` (e.g. through a tunnel); the
 returned TwiML connects the call's media stream to `wss://YOUR_HOST/ws`. Each call gets its own

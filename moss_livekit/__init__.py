@@ -17,6 +17,7 @@ from .engine import (
     DEFAULT_MODEL,
     RECOMMENDED_INITIALIZE_TIMEOUT_S,
     USERDATA_KEY,
+    WeightsDownloadError,
     close_shared_engines,
     engine_occupancy,
     load_fnc,
@@ -37,6 +38,7 @@ __all__ = [
     "shared_engine",
     "register_engine",
     "close_shared_engines",
+    "WeightsDownloadError",
     "prewarm",
     "load_fnc",
     "engine_occupancy",
@@ -58,9 +60,16 @@ class MossPlugin(Plugin):
         """Fetch model and codec into the Hugging Face cache (override with MOSS_MODEL/MOSS_CODEC).
 
         Local directories are left alone; hub ids are downloaded, so later loads work offline.
-        """
-        from huggingface_hub import snapshot_download
 
+        Raises:
+            WeightsDownloadError: a repo could not be fetched; its one-line message names the
+                repo, the cause and the `hf download` command. LiveKit's CLI prints it and exits
+                with status 1 instead of a page of traceback.
+        """
+        from core.errors import CheckpointError
+        from core.hub import resolve_pretrained
+
+        failures = []
         for repo in (
             os.environ.get("MOSS_MODEL", DEFAULT_MODEL),
             os.environ.get("MOSS_CODEC", DEFAULT_CODEC),
@@ -68,8 +77,14 @@ class MossPlugin(Plugin):
             if os.path.isdir(repo):
                 logger.info("%s is a local directory; nothing to download", repo)
                 continue
-            logger.info("downloading %s", repo)
-            snapshot_download(repo)
+            try:
+                resolve_pretrained(repo)
+            except CheckpointError as exc:
+                failures.append(str(exc))
+            else:
+                logger.info("%s is ready in the Hugging Face cache", repo)
+        if failures:
+            raise WeightsDownloadError("cannot download the weights: " + "; ".join(failures))
 
 
 Plugin.register_plugin(MossPlugin())

@@ -17,7 +17,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from livekit.agents._exceptions import CLIError  # the one error LiveKit's CLI prints plainly
+
 from core import Engine, EngineConfig
+from core.device import resolve_device
 
 from .log import logger
 
@@ -34,18 +37,11 @@ _lock = threading.Lock()
 _engines: dict[tuple[str, str, str, EngineConfig | None], Engine] = {}
 
 
-def default_device() -> str:
-    """CUDA when present, else CPU (tests, laptops)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def shared_engine(
     model: str | Path = DEFAULT_MODEL,
     codec: str | Path = DEFAULT_CODEC,
     *,
-    device: str | None = None,
+    device: str = "auto",
     config: EngineConfig | None = None,
 ) -> Engine:
     """Return the process-wide engine for these weights, loading it on first use.
@@ -53,7 +49,7 @@ def shared_engine(
     Blocking (it may load gigabytes): call it from a setup function or a worker thread, e.g.
     `await asyncio.to_thread(shared_engine, ...)`. Concurrent callers wait for one load.
     """
-    key = (str(model), str(codec), device or default_device(), config)
+    key = (str(model), str(codec), str(resolve_device(device)), config)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
@@ -64,6 +60,10 @@ def shared_engine(
             engine = Engine.from_pretrained(model, codec, **kwargs)
             _engines[key] = engine
         return engine
+
+
+class WeightsDownloadError(CLIError):
+    """`download-files` could not fetch the weights (offline, unknown repo, no access, disk)."""
 
 
 def register_engine(engine: Engine) -> Engine:
@@ -88,7 +88,7 @@ def prewarm(
     *,
     model: str | Path = DEFAULT_MODEL,
     codec: str | Path = DEFAULT_CODEC,
-    device: str | None = None,
+    device: str = "auto",
     config: EngineConfig | None = None,
 ) -> Engine:
     """LiveKit `setup_fnc`: load the shared engine once and put it in `proc.userdata`.

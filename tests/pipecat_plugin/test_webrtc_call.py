@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import aioice.ice
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from moss_pc_support import load_example, serve, wait_for
+from pipecat.transports.smallwebrtc.connection import IceServer
 
 
 async def test_webrtc_call_receives_the_greeting(engine, monkeypatch) -> None:
@@ -84,3 +86,58 @@ def _voiced_seconds(chunks: list[np.ndarray], frame_s: float = 0.02) -> float:
     n = int(48000 * frame_s)
     frames = pcm[: len(pcm) // n * n].reshape(-1, n)
     return float((np.sqrt((frames**2).mean(axis=1)) > 1e-3).sum() * frame_s)
+
+
+_HEAD = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+_AUDIO = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
+_CREDS = "a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef012345\r\n"
+# (body, words the 400's message must contain)
+BAD_OFFERS: list[tuple[bytes, str]] = [
+    (b"", "empty body"),
+    (b"{not json", "not JSON"),
+    (b"\xff\xfe\x00", "not JSON"),
+    (b'["sdp", "offer"]', "JSON object"),
+    (json.dumps({"type": "offer"}).encode(), "sdp"),
+    (json.dumps({"sdp": _HEAD + _AUDIO}).encode(), "type"),
+    (json.dumps({"sdp": _HEAD + _AUDIO + _CREDS, "type": "answer"}).encode(), "'offer'"),
+    (json.dumps({"sdp": "hello", "type": "offer"}).encode(), "v=0"),
+    (json.dumps({"sdp": "v=0\r\nm=foo\r\n", "type": "offer"}).encode(), "cannot be parsed"),
+    (json.dumps({"sdp": _HEAD, "type": "offer"}).encode(), "no audio"),
+    (json.dumps({"sdp": _HEAD + _AUDIO, "type": "offer"}).encode(), "ICE credentials"),
+    (json.dumps({"sdp": _HEAD + _AUDIO + _CREDS, "type": "offer"}).encode(), "rtcp-mux"),
+]
+
+
+async def test_webrtc_health_and_malformed_offers(engine) -> None:
+    """Prevents: a load balancer with no health route to probe, and a bad offer (empty, not JSON,
+    no sdp, an sdp aiortc cannot use) answered with a 500 traceback or, worse, a bot started for
+    a peer that can never connect; the ICE servers given must reach the page."""
+    bot = load_example("pipecat_webrtc_bot")
+    stun = IceServer(urls="stun:stun.example.org:3478")
+    app = bot.create_app(engine, audio_in=False, ice_servers=[stun])
+    server, server_task, port = await serve(app)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/health") as r:
+                assert r.status == 200
+                health = await r.json()
+            async with http.get(base) as r:
+                assert r.status == 200 and "stun:stun.example.org:3478" in await r.text()
+            for body, words in BAD_OFFERS:
+                headers = {"Content-Type": "application/json"}
+                async with http.post(f"{base}/api/offer", data=body, headers=headers) as r:
+                    assert r.status == 400, (body, r.status, await r.text())
+                    detail = (await r.json())["detail"]
+                assert words in detail and "\n" not in detail, (body, detail)
+            async with http.get(f"{base}/health") as r:
+                after = await r.json()
+    finally:
+        server.should_exit = True
+        await server_task
+    assert health["status"] == "ok" and health["calls"] == 0
+    for key in ("active_streams", "queued_turns", "conversations", "max_streams"):
+        assert isinstance(health[key], int), (key, health)
+    assert health["max_conversations"] == engine.config.max_conversations
+    assert after["calls"] == 0 and after["conversations"] == health["conversations"], after
+    assert not app.state.services
