@@ -4,7 +4,7 @@
 and `OUTDIR/codec` (config.json, model.safetensors). The model and the codec each draw from their
 own generator (seed + their offset) and the tokenizer is trained without randomness, so changing
 one component never changes another. These weights are random: they exercise every code path
-(stop logic included) but do not speak.
+(stop logic included) and end turns about 1.4 s after the text, but do not speak.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: `import core.tiny` stays light
     import torch
+
+    from core.model.config import ModelConfig
 
 MODEL_SEED_OFFSET = 1
 CODEC_SEED_OFFSET = 2
@@ -105,11 +107,9 @@ def write_tiny_model(model_dir: Path, seed: int) -> None:
 
     Dims mirror the conformance pack (hidden 64, 2+2 layers, 4 heads / 2 KV heads of 16, FFN
     128, text vocab 448), stored in bf16. Head rows 1024/1025 (all heads) and 1026 (heads 1-15)
-    are zero so no head picks a special code by chance. Turns end deterministically once text
-    pad rows are fed: hidden channel 0 is a "text pad" flag (only the `<|text_pad|>` embedding
-    writes it, no layer output touches it), and head 0's EOS row reads only that channel, so
-    EOS scores exactly 0 (mid-pack, outside top-k) on text rows and far above every code on
-    the first text-pad row.
+    are zero so no head picks a special code by chance. Otherwise random, except that turns end
+    like a model's: about 18 frames (1.4 s) after the first `<|text_pad|>` row, so the audio's
+    length follows the text (see `_arrange_turn_end`).
     """
     from safetensors.torch import save_file
 
@@ -146,8 +146,18 @@ def _tiny_model_config() -> dict:
     }
 
 
-_TINY_PAD_FLAG = 4.0  # channel-0 value of the <|text_pad|> embedding
-_TINY_EOS_GAIN = 2.0  # head 0's EOS row weight on channel 0
+# Reserved residual channels of the tiny backbone; no layer writes them (o_proj/down_proj rows 0).
+_PAD_FLAG, _PAD_SHARE, _BIAS = 0, 1, 2
+_RESERVED = slice(0, 3)
+_PAD_FLAG_VALUE = 4.0  # channel-0 value of the <|text_pad|> embedding
+_BIAS_VALUE = 1.0  # channel-2 value of every text embedding: a constant for q, k and the EOS cut
+# Layer-0 head 0 attends with weights exp(sum_j A_j (cos(theta_j d) - 1)) over row distance d,
+# using RoPE pairs 2..5 (theta_j = 1e6^(-j/8)): about 10 rows wide, and more than 15 nats below
+# the peak for every d from 60 rows to the 32768-row context, so old turns never leak in.
+_WINDOW_AMPLITUDES = {2: 10.0, 3: 40.0, 4: 60.0, 5: 60.0}
+_PAD_ROW_VALUE = 7.23  # v of a pad row: flag / RMS of that row (4 / 0.553; +-1% over codes)
+_EOS_SHARE = 0.93  # EOS wins once this share of the window is text padding (~18 pad rows)
+_EOS_GAIN = 1000.0
 
 
 def _tiny_model_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -165,13 +175,12 @@ def _tiny_model_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
         else:
             t = 0.05 * torch.randn(shape, generator=gen)
         if "embed_tokens" in name:
-            t[:, 0] = 0.0  # only the text-pad row writes the flag channel
+            t[:, _RESERVED] = 0.0  # only the arrangement below writes the reserved channels
         if name.endswith(("o_proj.weight", "down_proj.weight")):
-            t[0] = 0.0  # no layer writes the flag channel either
+            t[_RESERVED] = 0.0  # no layer writes them either
         if name in ("language_model.norm.weight", "local_transformer.model.norm.weight"):
-            t[0] = 1.0
+            t[_RESERVED] = 1.0
         out[name] = t
-    out["embed_tokens.0.weight"][cfg.text_pad_id, 0] = _TINY_PAD_FLAG
     for j in range(cfg.rvq):
         audio = out[f"embed_tokens.{j + 1}.weight"]
         head = out[f"local_transformer.local_lm_heads.{j}.weight"]
@@ -184,9 +193,41 @@ def _tiny_model_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
             audio[cfg.audio_eos_code] = 0.0
     for j in range(cfg.rvq - 1):
         out[f"local_transformer.model.embed_tokens.{j}.weight"][cfg.audio_pad_code] = 0.0
-    out["local_transformer.local_lm_heads.0.weight"][cfg.audio_eos_code, 0] = _TINY_EOS_GAIN
+    _arrange_turn_end(out, cfg)
     out[DUPLICATE_TEXT_EMBED] = out["embed_tokens.0.weight"].clone()
     return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
+
+
+def _arrange_turn_end(out: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Make codebook 0's EOS win once the recent rows are mostly text padding.
+
+    A real model keeps speaking for a while after its text runs out (audio trails text by the
+    12-row lead); random weights would end at a random frame. Channel 0 flags `<|text_pad|>`
+    rows; backbone layer-0 head 0 has row-independent q and k (from the constant channel 2, made
+    exact by q/k-norm), so RoPE alone sets its weights, a window over the last ~10 rows, and its
+    value is the flag: channel 1 = share of padding in that window. Codebook 0's EOS logit is
+    `_EOS_GAIN * (share - _EOS_SHARE)`, read through channels 1 and 2 (both pass every norm with
+    weight 1, so their ratio survives): far below every code on text rows, on top about 18 pad
+    rows in. Everything else stays random.
+    """
+    hd = cfg.backbone.head_dim
+    layer = "language_model.layers.0."
+    out["embed_tokens.0.weight"][:, _BIAS] = _BIAS_VALUE
+    out["embed_tokens.0.weight"][cfg.text_pad_id, _PAD_FLAG] = _PAD_FLAG_VALUE
+    out[layer + "input_layernorm.weight"][_RESERVED] = 1.0
+    q, k, v = (out[layer + f"self_attn.{n}_proj.weight"] for n in "qkv")
+    q[:hd], k[:hd], v[:hd] = 0.0, 0.0, 0.0  # query head 0 and KV head 0
+    for j, amplitude in _WINDOW_AMPLITUDES.items():
+        q[j::hd], k[j::hd] = 0.0, 0.0  # the other heads leave the amplified dims alone
+        q[j, _BIAS] = k[j, _BIAS] = 1.0
+        # q/k-norm scale each of the 4 dims to 2: the score term is q_j k_j / sqrt(hd) = A_j
+        out[layer + "self_attn.q_norm.weight"][j] = amplitude**0.5
+        out[layer + "self_attn.k_norm.weight"][j] = amplitude**0.5
+    v[0, _PAD_FLAG] = 1.0
+    out[layer + "self_attn.o_proj.weight"][_PAD_SHARE, 0] = 1.0 / _PAD_ROW_VALUE
+    eos = out["local_transformer.local_lm_heads.0.weight"][cfg.audio_eos_code]
+    eos[_PAD_SHARE] = _EOS_GAIN
+    eos[_BIAS] = -_EOS_GAIN * _EOS_SHARE / _BIAS_VALUE
 
 
 def write_tiny_codec(codec_dir: Path, seed: int) -> None:

@@ -123,4 +123,5 @@ def test_depth_transformer_equals_qwen3model(tiny: Path):
     inputs = [hidden] + [ours.depth.embeds[i][forced[:, i]] for i in range(15)]
     states = oracle(inputs_embeds=torch.stack(inputs, dim=1)).last_hidden_state  # [3, 16, D]
     expected = torch.einsum("bid,ivd->biv", states, ours.depth.heads)
-    assert (logits - expected).abs().max().item() < TOL
+    # fp32 error grows with the logit: core.tiny's EOS row reaches ~2000 on random hidden states
+    torch.testing.assert_close(logits, expected, atol=TOL, rtol=1e-6)
