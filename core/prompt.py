@@ -11,11 +11,17 @@ differences from upstream's streaming rows, all tested against the conformance p
   row; upstream never feeds the EOS frame back, so its cache lacks that row.
 * User text is stripped of surrounding whitespace and tokenized on its own (upstream tokenizes
   the prefix, text and pads as one string; they differ only for text starting with a newline).
-* A user turn whose text has more tokens than its audio frames + 13 (reference appendix item 7):
-  upstream lets the audio EOS row land inside the text. Here the audio block is right-aligned so
-  that its EOS row is the block's last row, as in every training turn; the text then leads the
-  audio by more than 12 rows (such audio cannot be the speech of that text anyway).
+* A user turn whose text has more tokens than its audio frames + 13: upstream's
+  `make_user_prompt` then adds no text-pad rows and lets the audio EOS row land inside the text.
+  Here the audio block is right-aligned so that its EOS row is the block's last row, as in every
+  training turn; the text then leads the audio by more than 12 rows (such audio cannot be the
+  speech of that text anyway).
 * A user turn without audio uses app.py's text-only layout: the text rows, all audio columns pad.
+* The assistant prefill always holds min(12, L) text ids, BOS on the last (`prefill_rows`, and so
+  `generate.py` and the engine's turns). Upstream's `end_text()` prefills ALL pending ids when it
+  has not prefilled yet: fewer than 12 for short text (the same rows as ours), but more than 12
+  when its segmenting `push_text` buffered a long fragment without a break point, so its BOS then
+  lands later than in any training turn. Ours keeps the training lead of 12 at every text length.
 
 Delay layout of a turn with text ids t[0..L) and audio frames a[0..n) (`DELAY` = 12): row r holds
 t[r] (text pad once r >= L); BOS sits on row min(L, 12) - 1, frame a[j] on the row after BOS + j,
@@ -161,7 +167,7 @@ class PromptBuilder:
                 raise ValueError("a user turn needs text or audio")
             return self._text_rows(prefix + text_ids)
         n = audio_codes.shape[0]
-        bos = max(min(len(text_ids), DELAY) - 1, len(text_ids) - n - 2)  # appendix 7: right-align
+        bos = max(min(len(text_ids), DELAY) - 1, len(text_ids) - n - 2)  # long text: right-aligned
         return self._delay_block(prefix, text_ids, audio_codes, bos)
 
     def assistant_prefix_rows(self, *, first: bool) -> torch.Tensor:

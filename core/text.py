@@ -3,8 +3,8 @@
 The assistant text arrives as deltas of any size (a character, half a surrogate pair, a sentence).
 `IncrementalTokenizer.push` returns only ids that can no longer change, so the engine can feed one
 text token per audio frame while the LLM is still writing; `push(...) + ... + flush()` equals the
-one-shot `encode_text(tokenizer, whole_text)` (upstream's segmenting `push_text` does not, see the
-reference appendix item 6).
+one-shot `encode_text(tokenizer, whole_text)`. Upstream's `push_text` does not: it tokenizes each
+segment on its own, so "of the " + "streaming" gives a lone space token the whole text never has.
 
 Normalisation policy (`normalize_text`, and `TextNormalizer` for streams; both give the same text
 for any split of the input, and applying them twice changes nothing):

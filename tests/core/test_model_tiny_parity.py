@@ -10,8 +10,8 @@ at 56df9ee, with transformers 5.0.0, torch 2.13 CPU, `TORCHDYNAMO_DISABLE=1`, on
   the JSON) encoded by the upstream codec with 16 quantizers (`codes/*`, [16, T]);
 - a two-turn conversation: `set_voice_prompt_tokens(voice)`, then per turn `reset_turn(user text,
   user codes)` (turn 2 on the kept KV cache), `push_text_tokens(whole-text token ids)`
-  (not its segmenting `push_text`, see core/text.py), `end_text()`, `drain(max_steps=20)` (EOS comes on the 18th text-pad
-  row: EOS frames 62 and 53); argmax (`do_sample=False`) twice: run `norep` with
+  (not its segmenting `push_text`, see core/text.py), `end_text()`, `drain(max_steps=20)` (EOS
+  comes on the 18th text-pad row: EOS frames 62 and 53); argmax (`do_sample=False`) twice: run `norep` with
   `repetition_penalty=None` (pure argmax) and run `rep` with upstream's 1.1 over 50 frames.
   Assistant text 1 starts "Hello there! This is" (JSON `texts_note`): the earlier "Hello there,
   this is" left codes decided by < 1e-4 in run `rep`, which the closed-loop test forbids;
