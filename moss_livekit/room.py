@@ -7,12 +7,17 @@ audio was heard, so this module learns both from the session and keeps the engin
 
 * user turns: user messages committed to `session.history` (read at the start of each turn, so
   none is missed however early it arrived), and final transcripts for preemptive synthesis, which
-  starts before the user message is committed;
+  starts before the user message is committed; with the user's speech (`user_audio.py`), where
+  the session transcribes the user only the speech that got words (sounds LiveKit made no turn
+  of are dropped);
 * what was heard: the audio output's `playback_finished` event, attributed to the speech that is
-  playing. An interrupted turn is cut to the playback position; a turn whose speech ended without
-  any playback (a discarded preemptive reply, a fallback probe) is cut to nothing, so it leaves no
-  trace. The position may arrive before or after LiveKit cancels the stream; both orders work
-  because the engine accepts `cancel(played_s)` on its recent finished turns too. A reply in
+  playing, and only to turns whose audio goes to the session's audio output. An interrupted turn
+  is cut to the playback position; a turn whose speech ended without any playback (a discarded
+  preemptive reply) is cut to nothing, so it leaves no trace. A `tts.FallbackAdapter` recovery
+  probe (the adapter synthesizes, in the background, the reply another TTS is playing and throws
+  the audio away) is never credited with that playback and is cut to nothing when it finishes.
+  The position may arrive before or after LiveKit cancels the stream; both orders work because
+  the engine accepts `cancel(played_s)` on its recent finished turns too. A reply in
   several segments (`FlushSentinel`) is one engine turn per segment, each cut by its own
   `playback_finished`, in order.
 """
@@ -58,12 +63,39 @@ def current_speech() -> tuple[AgentSession | None, SpeechHandle | None]:
     return session, speech
 
 
+_FALLBACK_MODULE = "livekit.agents.tts.fallback_adapter"
+
+
+def in_fallback_probe() -> bool:
+    """Whether the running task is a `tts.FallbackAdapter` recovery probe.
+
+    After a TTS of a FallbackAdapter failed, the adapter re-checks it in the background: it
+    synthesizes the text of a reply that another TTS is playing and discards the audio (its
+    `_try_recovery`). LiveKit marks such a stream with nothing public; the probe runs in a task of
+    its own whose coroutine is the adapter's private `_recover_tts_task` (livekit-agents 1.8.9,
+    `tts/fallback_adapter.py`, for both `FallbackSynthesizeStream` and `FallbackChunkedStream`),
+    which is what this checks. A stream the adapter serves runs in the adapter stream's own task
+    and is not matched. If LiveKit renames it, probes are treated like served streams again.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return False
+    coro = task.get_coro() if task is not None else None
+    code = getattr(coro, "cr_code", None)
+    frame = getattr(coro, "cr_frame", None)
+    if code is None or frame is None or code.co_name != "_recover_tts_task":
+        return False
+    return frame.f_globals.get("__name__") == _FALLBACK_MODULE
+
+
 @dataclass(slots=True)
 class TurnRecord:
     """One engine turn opened by a stream, until the engine knows how much of it was heard."""
 
     turn: TurnStream
     speech: SpeechHandle | None
+    forwarded: bool = True  # its audio goes to the audio output (False: a fallback probe)
     emitted_s: float = 0.0  # audio handed to LiveKit so far
     running: bool = True  # the stream's `_run` still owns the turn
     cancelled: bool = False  # the stream was cancelled (interruption, discard, aclose)
@@ -108,6 +140,7 @@ class RoomContext:
         self._seen_user_ids: set[str] = set()
         self._transcripts: list[str] = []  # final transcripts not yet part of a user turn
         self._provisional = ""  # user text added from transcripts before it was committed
+        self._transcribing = False  # a transcript with words was seen in this session
         self._links: _SessionLinks | None = None
         self._closed = False
         if session is not None:
@@ -133,6 +166,7 @@ class RoomContext:
         links.handlers = {
             "user_input_transcribed": self._on_transcribed,
             "user_state_changed": self._on_user_state,
+            "agent_false_interruption": self._on_false_interruption,
             "close": self._on_session_close,
         }
         for name, handler in links.handlers.items():
@@ -184,8 +218,19 @@ class RoomContext:
             links.audio_output.off("playback_finished", self._on_playback_finished)
 
     def _on_transcribed(self, ev: Any) -> None:
-        if getattr(ev, "is_final", False) and (text := (ev.transcript or "").strip()):
+        text = (getattr(ev, "transcript", None) or "").strip()
+        if not text:
+            return
+        self._transcribing = True  # this session transcribes the user: words mark real speech
+        if self._tap is not None:
+            self._tap.words_heard()
+        if getattr(ev, "is_final", False):
             self._transcripts.append(text)
+
+    def _on_false_interruption(self, _ev: Any) -> None:
+        # LiveKit resumed (or gave up on) the agent's reply: the user's sound was not a turn
+        if self._tap is not None:
+            self._tap.drop_wordless()
 
     def _on_session_close(self, _ev: Any) -> None:
         self.close()  # the room is over: free its engine conversation now
@@ -193,9 +238,17 @@ class RoomContext:
     # ---- turn preparation -----------------------------------------------------------------
 
     async def open_turn(
-        self, voice: Voice | None, sampling: SamplingParams | None, speech: SpeechHandle | None
+        self,
+        voice: Voice | None,
+        sampling: SamplingParams | None,
+        speech: SpeechHandle | None,
+        *,
+        forwarded: bool = True,
     ) -> TurnRecord:
         """Bring the conversation up to date and open (admit or queue) the next assistant turn.
+
+        `forwarded=False`: the turn's audio never reaches the audio output (a fallback probe);
+        it gets no playback credit and is removed when it finishes.
 
         Raises what the engine raises (`AdmissionError`, `EngineClosed`, `TextTooLongError` for
         a user turn); the caller enters `record.turn` and reports back with `stream_finished`.
@@ -211,7 +264,7 @@ class RoomContext:
                 await conv.add_user_turn(
                     text=user.text, audio=user.audio, sample_rate=user.sample_rate
                 )
-            record = TurnRecord(turn=conv.speak(), speech=speech)
+            record = TurnRecord(turn=conv.speak(), speech=speech, forwarded=forwarded)
             self._records.append(record)
             if speech is not None:
                 speech.add_done_callback(self._on_speech_done)
@@ -257,8 +310,12 @@ class RoomContext:
             self._transcripts.clear()
             self._provisional = f"{self._provisional} {text}".strip()
             turns.append(_UserTurn(text=text))
-        if turns and self._tap is not None and (speech := self._tap.take()) is not None:
-            turns[-1].audio, turns[-1].sample_rate = speech  # what the user said, as heard
+        if turns and self._tap is not None:
+            # with transcription, speech that got no words never was a turn (a cough, an
+            # "mm-hm" under the reply): it is dropped, not given with this turn
+            speech = self._tap.take(words_only=self._transcribing)
+            if speech is not None:
+                turns[-1].audio, turns[-1].sample_rate = speech  # what the user said, as heard
         return turns
 
     def _minus_provisional(self, text: str) -> str:
@@ -274,7 +331,9 @@ class RoomContext:
         """The stream let go of its turn; settle it now if nothing more can be learned."""
         record.running = False
         record.cancelled = cancelled
-        if record.played_s is not None:
+        if not record.forwarded:
+            self._resolve(record, 0.0)  # nobody heard it, and no playback report is its own
+        elif record.played_s is not None:
             self._resolve(record, record.played_s)
         elif cancelled and record.speech is None and self._links is None:
             # direct use without a session: what reached the caller counts as heard
@@ -296,12 +355,13 @@ class RoomContext:
 
     def _playing_record(self) -> TurnRecord | None:
         """The oldest unsettled record with audio of the speech playing now (segments play in
-        order); with no current speech, the oldest of any. Audio of another speech (a `say`
-        with audio, another TTS) is never credited to a MOSS turn."""
+        order); with no current speech, the oldest of any. Only records whose audio goes to the
+        audio output count: audio of another speech (a `say` with audio) or of another TTS (a
+        fallback's, while MOSS is probed with the same speech) is never credited to a MOSS turn."""
         session = self.session
         speech = session.current_speech if session is not None else None
         candidates = [r for r in self._records if not r.resolved and r.played_s is None]
-        candidates = [r for r in candidates if r.emitted_s > 0.0]
+        candidates = [r for r in candidates if r.forwarded and r.emitted_s > 0.0]
         if speech is not None:
             candidates = [r for r in candidates
                           if r.speech is not None and r.speech.id == speech.id]

@@ -32,7 +32,7 @@ from core.languages import check_language
 from .engine import DEFAULT_CODEC, DEFAULT_MODEL, shared_engine
 from .errors import to_api_error
 from .log import logger
-from .room import RoomContext, TurnRecord, current_speech
+from .room import RoomContext, TurnRecord, current_speech, in_fallback_probe
 
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
@@ -70,6 +70,8 @@ class TTS(tts.TTS):
         frame_size_ms: the largest audio frame LiveKit receives (its emitter re-chunks PCM).
         capture_user_audio: also give the model the user's speech of each turn (tapped from
             the session's audio input while VAD reports the user speaking), not only the text.
+            When the session transcribes the user, speech that got no words (a sound LiveKit
+            made no user turn of) is dropped, not given with the next turn.
         language: a check, not a switch (the model has no language input and speaks the text in
             the language it is written in): None or a language it speaks ("en", "pt-BR", a
             `LanguageCode`; see `core.languages`) is accepted, any other raises `ValueError`.
@@ -277,6 +279,7 @@ class _TurnJob:
     speech: SpeechHandle | None
     timeout_s: float
     request_id: str
+    probe: bool = False  # a FallbackAdapter recovery probe: its audio is never played
 
 
 async def _speak(
@@ -293,7 +296,9 @@ async def _speak(
         engine = await job.tts._get_engine()
         voice = await job.tts._get_voice(engine, job.opts.voice)
         room = job.tts._room_for(job.session, engine)
-        record = await room.open_turn(voice, job.opts.sampling, job.speech)
+        record = await room.open_turn(
+            voice, job.opts.sampling, job.speech, forwarded=not job.probe
+        )
     except Exception as exc:
         raise to_api_error(exc, request_id=job.request_id) from exc
     failed = True
@@ -375,6 +380,7 @@ def _new_job(tts_: TTS, conn_options: APIConnectOptions) -> _TurnJob:
         speech=speech,
         timeout_s=conn_options.timeout,
         request_id=utils.shortuuid(),
+        probe=in_fallback_probe(),  # read here: the stream is created inside the probe's task
     )
 
 
