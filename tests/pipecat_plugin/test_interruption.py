@@ -69,9 +69,12 @@ async def test_interruption_mid_turn(engine) -> None:
 
     await run_pipeline([tts, rec, speaker, assistant], driver, sample_rate=SR)
 
-    # After the transport got the interruption, only one short fade may be written.
+    # After the transport got the interruption, only one short fade may be written, behind at most
+    # the one 40 ms chunk Pipecat's audio task may already have dequeued (test_interruption_race).
     (cut,) = speaker.interrupted_at
     after = speaker.written[cut : marks["n_after_window"]]
+    if after and after[0].kind == "TTSAudioRawFrame" and len(after[0].audio) <= 2 * int(0.04 * SR):
+        after = after[1:]
     assert [w.kind for w in after] in ([], ["OutputAudioRawFrame"]), "dead turn kept playing"
     if after:
         fade = np.frombuffer(after[0].audio, dtype=np.int16)
