@@ -11,9 +11,18 @@ Validation policy for reference (voice prompt) audio, checked on the input befor
 - silent: peak below `silence_peak` (default 1e-3, -60 dBFS);
 - clipped: more than `clip_fraction` (default 1 %) of samples at or beyond 0.99 full scale.
 
+Before any of that, `VoiceEncoder.check` bounds the input from its arguments, shape or header
+(`core.audio.inspect_audio`: rate 8..192 kHz, at most 8 channels, at most `max_seconds`, encoded
+size), so an over-long or absurd file is refused without being decoded or hashed.
+
 The trailing partial frame (the last `len % 1920` samples at 24 kHz, < 80 ms) is dropped, never
 zero-padded: upstream's padded frame has codes that do not depend on the audio. User audio
-(`encode_user_audio`) is lenient: only unreadable or non-finite input fails; short is fine.
+(`encode_user_audio`) is lenient: only unreadable, non-finite or over-long input fails; short is
+fine.
+
+Concurrent loads of the same content (two rooms starting with one voice) share one encode: the
+first loader encodes, later ones wait for its voice or its error (an in-flight map keyed by the
+content hash); after an error the next load tries again.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +44,10 @@ from core.audio import (
     REFERENCE_SILENCE_PEAK,
     AudioSource,
     check_reference_audio,
+    inspect_audio,
     read_audio,
     resample,
+    to_numpy,
 )
 from core.codec import MossAudioCodec
 from core.errors import InvalidAudioError
@@ -63,13 +75,15 @@ def content_key(source: AudioSource, sample_rate: int | None) -> str:
         path = Path(source).expanduser()
         if not path.is_file():
             raise InvalidAudioError(f"audio file not found: {path}")
-        h.update(path.read_bytes())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):  # in pieces: never the whole file in memory
+                h.update(chunk)
     elif isinstance(source, bytes | bytearray | memoryview):
         h.update(bytes(source))
     else:
-        array = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source)
+        array = np.asarray(to_numpy(source, "source"))
         h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+        h.update(np.ascontiguousarray(array))  # hashed through the buffer, not a copy of it
     h.update(f"|sr={sample_rate}".encode())
     return h.hexdigest()
 
@@ -96,30 +110,69 @@ class VoiceEncoder:
         self.silence_peak, self.clip_fraction = silence_peak, clip_fraction
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Voice] = OrderedDict()
+        self._inflight: dict[str, Future[Voice]] = {}  # content key -> the encode under way
         self._lock = threading.Lock()
         self.encodes = 0  # how many times the codec actually ran (cache misses)
 
+    def check(self, source: AudioSource, sample_rate: int | None = None) -> None:
+        """Refuse what can be refused without decoding (`core.audio.inspect_audio`): cheap, so
+        the engine runs it on the caller's side and bad input never reaches its thread."""
+        inspect_audio(source, sample_rate, name="source", max_seconds=self.max_seconds)
+
     def load(self, source: AudioSource, sample_rate: int | None = None) -> Voice:
-        """Read, validate, resample to 24 kHz and encode `source`; cached by content hash."""
+        """Read, validate, resample to 24 kHz and encode `source`; cached by content hash.
+
+        A load of content that another thread is encoding waits for that encode and returns
+        its voice (or raises its error) instead of running the codec a second time.
+        """
+        self.check(source, sample_rate)
         key = content_key(source, sample_rate)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        audio, rate = read_audio(source, sample_rate)
-        self._validate(audio, rate)
-        codes = self._encode(audio, rate)
-        voice = Voice(codes=codes, key=key, duration_s=codes.shape[0] * self._frame_seconds)
+            pending = self._inflight.get(key)
+            first = pending is None
+            if first:
+                pending = self._inflight[key] = Future()
+        if first:
+            return self._load_first(key, pending, source, sample_rate)
+        return pending.result()
+
+    def encode_user_audio(
+        self, pcm: AudioSource, sample_rate: int | None, max_seconds: float | None = None
+    ) -> torch.Tensor:
+        """User turn audio -> Long[N, 16] on CPU; empty or sub-frame audio gives zero frames.
+
+        `max_seconds` is `EngineConfig.max_user_audio_s` (checked again here, and decoding
+        stops there, in case a file changed after the caller-side check).
+        """
+        audio, rate = read_audio(pcm, sample_rate, max_seconds=max_seconds,
+                                 limit="max_user_audio_s")
+        return self._encode(audio, rate)
+
+    def _load_first(
+        self, key: str, pending: Future[Voice], source: AudioSource, sample_rate: int | None
+    ) -> Voice:
+        """The first loader of `key` encodes, then hands its voice (or error) to the waiters."""
+        try:
+            audio, rate = read_audio(source, sample_rate, name="source",
+                                     max_seconds=self.max_seconds)
+            self._validate(audio, rate)
+            codes = self._encode(audio, rate)
+            voice = Voice(codes=codes, key=key, duration_s=codes.shape[0] * self._frame_seconds)
+        except BaseException as exc:  # every waiter must wake up, whatever went wrong
+            with self._lock:
+                del self._inflight[key]
+            pending.set_exception(exc)
+            raise
         with self._lock:
+            del self._inflight[key]
             self._cache[key] = voice
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
+        pending.set_result(voice)
         return voice
-
-    def encode_user_audio(self, pcm: AudioSource, sample_rate: int) -> torch.Tensor:
-        """User turn audio -> Long[N, 16] on CPU; empty or sub-frame audio gives zero frames."""
-        audio, rate = read_audio(pcm, sample_rate)
-        return self._encode(audio, rate)
 
     @property
     def _frame_seconds(self) -> float:

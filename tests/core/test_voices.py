@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,69 @@ def test_int16_conversions_clip_and_round_trip() -> None:
         int16_to_float(b"\x00\x01\x02")
     with pytest.raises(InvalidAudioError, match="float"):
         float_to_int16(pcm)
+
+
+def _gated_encode(codec: MossAudioCodec, monkeypatch: pytest.MonkeyPatch, fail: bool = False):
+    """Wrap the codec's encode: count calls, and hold each one until the test releases it."""
+    calls, entered, release = [], threading.Event(), threading.Event()
+    real = codec.encode
+
+    def encode(*args, **kwargs):
+        calls.append(args)
+        entered.set()
+        assert release.wait(10), "never released"
+        if fail:
+            raise RuntimeError("codec failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "encode", encode)
+    return calls, entered, release
+
+
+def _load_in_threads(encoder: VoiceEncoder, source: np.ndarray, entered, release) -> list:
+    """Two loads of `source`: the second starts while the first is inside the codec."""
+    results: list = [None, None]
+
+    def load(i: int) -> None:
+        try:
+            results[i] = encoder.load(source, 24000)
+        except Exception as exc:  # handed to the test
+            results[i] = exc
+
+    first = threading.Thread(target=load, args=(0,))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=load, args=(1,))
+    second.start()
+    second.join(0.3)  # let it reach the codec (a second encode) or the wait for the first
+    release.set()
+    first.join(10)
+    second.join(10)
+    return results
+
+
+def test_concurrent_loads_of_one_voice_share_one_encode(
+    codec: MossAudioCodec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rooms starting with the same new voice at once must not run the codec twice: the
+    second load waits for the first one's encode and gets the same Voice."""
+    calls, entered, release = _gated_encode(codec, monkeypatch)
+    encoder = VoiceEncoder(codec)
+    results = _load_in_threads(encoder, _speechish(1.5, 24000, seed=5), entered, release)
+    assert len(calls) == 1 and encoder.encodes == 1
+    assert isinstance(results[0], Voice) and results[1] is results[0]
+
+
+def test_a_failed_shared_encode_fails_its_waiters_and_is_retried(
+    codec: MossAudioCodec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the shared encode fails, the waiting load gets that error (not a hang, not a second
+    failing encode), and a later load of the same content tries again."""
+    calls, entered, release = _gated_encode(codec, monkeypatch, fail=True)
+    encoder = VoiceEncoder(codec)
+    x = _speechish(1.5, 24000, seed=6)
+    results = _load_in_threads(encoder, x, entered, release)
+    assert len(calls) == 1
+    assert all(isinstance(r, RuntimeError) and "codec failed" in str(r) for r in results)
+    monkeypatch.undo()
+    assert isinstance(encoder.load(x, 24000), Voice)
