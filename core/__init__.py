@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from core import errors
 from core.errors import (
     AdmissionError,
+    CapacityError,
     CheckpointError,
     ContextOverflowError,
     EngineClosed,
@@ -51,6 +52,7 @@ _LAZY = {
 __all__ = [
     "AdmissionError",
     "AudioChunk",
+    "CapacityError",
     "CheckpointError",
     "ContextOverflowError",
     "Conversation",

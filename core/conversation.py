@@ -149,6 +149,8 @@ class ConversationContext:
         self.seq_id: int | None = None
         self._kv_rows: list[Tensor] = []  # rows in the KV cache, in order
         self.kv_len = 0
+        self.kv_evicted = False  # the cache was evicted and not rebuilt yet (metrics)
+        self._head_len: dict[bool, int] = {}  # rows of the assistant prefix (first turn or not)
         self.trims = 0  # how many times old turns were dropped (tests, metrics)
 
     # -- history ------------------------------------------------------------------------------
@@ -236,16 +238,39 @@ class ConversationContext:
         head = self.builder.assistant_prefix_rows(first=not self.turns)
         return torch.cat([self.history_rows(), head])
 
+    def rows_needed(self, reserve_rows: int) -> int:
+        """Most KV rows the next assistant turn can hold (history, its head and `reserve_rows`),
+        without building or trimming anything: what the engine keeps free for the turn."""
+        first = not self.turns
+        if first not in self._head_len:
+            self._head_len[first] = int(self.builder.assistant_prefix_rows(first=first).shape[0])
+        total = self.prefix_len() + self._turn_lens() + self._head_len[first] + reserve_rows
+        return min(total, self.max_rows)
+
     # -- KV bookkeeping (the engine feeds rows; the context remembers which) ------------------
     def prefix_len(self) -> int:
         """Rows of the system+voice prefix of the current voice."""
         return int(self.prefixes.rows(self.voice).shape[0])
 
+    def holds_own_prefix(self) -> bool:
+        """True when the KV cache holds the current voice's system+voice prefix."""
+        return self.holds_prefix(self.prefixes.rows(self.voice), self.prefix_len())
+
     def holds_prefix(self, target: Tensor, length: int) -> bool:
         """True when the KV cache already holds the first `length` rows of `target`."""
         if self.seq_id is None or self.kv_len < length:
             return False
-        return common_prefix_len(torch.cat(self._kv_rows)[:length], target[:length]) == length
+        return common_prefix_len(self._kv_head(length), target[:length]) == length
+
+    def _kv_head(self, length: int) -> Tensor:
+        """The first `length` cached rows, without concatenating the rest of the cache."""
+        parts, n = [], 0
+        for part in self._kv_rows:
+            if n >= length:
+                break
+            parts.append(part[: length - n])
+            n += int(part.shape[0])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def sync_kv(self, pool: KVPool, target: Tensor, prefix: PrefixSource | None = None) -> Tensor:
         """Cut the KV cache at its first difference with `target`; return the rows to prefill.
@@ -253,6 +278,7 @@ class ConversationContext:
         With a `prefix` whose rows start `target` and that covers more than the cache keeps,
         the cache becomes a fork of it (its rows are not computed again).
         """
+        self.kv_evicted = False  # rebuilt from here on
         if prefix is not None:
             n = int(prefix.rows.shape[0])
             if n <= target.shape[0] and not self.holds_prefix(target, n) and bool(
@@ -260,7 +286,7 @@ class ConversationContext:
             ):
                 try:
                     seq = pool.fork(prefix.seq_id, n)
-                except ContextOverflowError:  # no block for the copy: prefill as usual
+                except ContextOverflowError:  # no block for the copy (KVPoolExhausted): prefill
                     pass
                 else:
                     self.release_kv(pool)
@@ -288,10 +314,12 @@ class ConversationContext:
         self._kv_rows = [] if cached is None else [cached[:length]]
         self.kv_len = length
 
-    def release_kv(self, pool: KVPool) -> None:
-        """Give the cache back (evicted or closed); the rows can always be prefilled again."""
+    def release_kv(self, pool: KVPool, *, evicted: bool = False) -> None:
+        """Give the cache back (evicted, closed or replaced); the rows can always be prefilled
+        again."""
         if self.seq_id is not None:
             pool.free(self.seq_id)
+            self.kv_evicted = evicted
         self.seq_id, self._kv_rows, self.kv_len = None, [], 0
 
     def kv_rows(self) -> Tensor | None:

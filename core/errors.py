@@ -23,6 +23,12 @@ class AdmissionError(MossError):
     """The engine is full (max_streams or max_conversations); raised at once, never a hang."""
 
 
+class CapacityError(AdmissionError):
+    """The engine's KV memory cannot hold this turn beside the turns already speaking, and no
+    room freed up within `EngineConfig.kv_wait_s`. Raised before any audio of the turn: retry
+    later (or elsewhere); unlike `ContextOverflowError` it says nothing about the conversation."""
+
+
 class ContextOverflowError(MossError):
     """The voice block, the current user turn and one turn's frame cap cannot fit the context."""
 

@@ -6,6 +6,7 @@ an unbounded turn or an out-of-memory crash (ARCHITECTURE.md, decision 7).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 FRAME_RATE = 12.5  # codec frames per second (80 ms per frame)
@@ -51,6 +52,15 @@ class EngineConfig:
             once and forked by every conversation with that voice (least recently used voices
             go first; entries are also evicted when the pool runs low). 0 disables sharing:
             each conversation prefills its own prefix.
+        max_user_audio_s: longest user audio `add_user_turn` accepts (checked from the array's
+            shape or the file's header before anything is decoded; `InvalidAudioError` beyond).
+            60 s is twice what the Pipecat and LiveKit plugins capture per turn (30 s), and 750
+            context rows; without a cap one call could queue an hour of decoding and encoding
+            on the engine thread.
+        kv_wait_s: longest time a turn waits to start while the KV pool cannot hold it beside
+            the turns already speaking (each keeps room for its whole turn, so a running turn
+            never fails for memory; idle conversations' caches are evicted, never waited for);
+            then it ends with `CapacityError` (retryable) before any audio.
     """
 
     max_streams: int = 16
@@ -72,6 +82,8 @@ class EngineConfig:
     text_timeout_s: float | None = 120.0
     idle_wait_s: float = 0.05
     prefix_cache_voices: int = 32
+    max_user_audio_s: float = 60.0
+    kv_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -105,6 +117,13 @@ class EngineConfig:
                              f"{self.prefix_cache_voices!r}")
         if not self.idle_wait_s > 0:
             raise ValueError(f"EngineConfig.idle_wait_s must be > 0, got {self.idle_wait_s}")
+        limit = self.max_user_audio_s
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 < limit < math.inf:
+            raise ValueError(f"EngineConfig.max_user_audio_s must be a finite number of seconds "
+                             f"> 0, got {limit!r}")
+        if isinstance(self.kv_wait_s, bool) or not 0 <= self.kv_wait_s < math.inf:
+            raise ValueError(f"EngineConfig.kv_wait_s must be a finite number >= 0, got "
+                             f"{self.kv_wait_s!r}")
 
     @property
     def num_kv_blocks(self) -> int:

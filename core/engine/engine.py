@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from core.audio import inspect_audio
 from core.codec import MossAudioCodec
 from core.conversation import Conversation, ConversationContext, PrefixCache
 from core.device import resolve_device
@@ -28,7 +29,7 @@ from core.engine.metrics import EngineStats
 from core.engine.runner import ModelRunner
 from core.engine.stream import TurnStream
 from core.engine.worker import SPEAK, Enqueue, Worker
-from core.errors import EngineClosed, InvalidAudioError, TextTooLongError
+from core.errors import EngineClosed, TextTooLongError
 from core.hub import resolve_pretrained
 from core.model import KVPool, MossTTSRealtime, SamplingParams
 from core.prompt import PromptBuilder, TokenIds
@@ -97,9 +98,14 @@ class Engine:
     async def load_voice(self, source: Any, sample_rate: int | None = None) -> Voice:
         """Read, validate and encode reference audio on the engine thread (cached by content).
 
+        What needs no decoding (sample rate 8..192 kHz, type, dtype, shape, length and size from
+        the shape or header) is checked here first, so bad input never reaches the engine thread.
+
         Raises:
-            InvalidAudioError: unreadable, too short/long, silent or clipped audio.
+            InvalidAudioError: unreadable, too short/long (over 30 s), silent or clipped audio; a
+                sample rate outside 8..192 kHz; an unusable type, dtype or shape.
         """
+        self._voices.check(source, sample_rate)
         return await self._call(lambda: self._voices.load(source, sample_rate))
 
     def conversation(
@@ -186,17 +192,16 @@ class Engine:
         if len(text) > self.config.max_text_chars:
             raise TextTooLongError(f"user text has {len(text)} characters, max_text_chars="
                                    f"{self.config.max_text_chars}")
-        if audio is not None and sample_rate is None and not isinstance(
-            audio, str | Path | bytes | bytearray | memoryview
-        ):
-            raise InvalidAudioError("raw audio samples need their sample_rate")
+        max_s = self.config.max_user_audio_s
+        if audio is not None:  # rate, type, dtype, shape, length: refused before any decoding
+            inspect_audio(audio, sample_rate, max_seconds=max_s, limit="max_user_audio_s")
         if conv.closed:
             raise EngineClosed("this conversation was closed")
 
         def add() -> None:
             codes = None
             if audio is not None:
-                codes = self._voices.encode_user_audio(audio, sample_rate)  # type: ignore[arg-type]
+                codes = self._voices.encode_user_audio(audio, sample_rate, max_s)
             conv.context.add_user(text, codes)
             conv._publish()
 
@@ -226,20 +231,22 @@ class Engine:
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        pending: list[Callable[[], None]] = []
         try:
-            while True:
-                commands, closing = self._gate.take()
-                for command in commands:
-                    self._guard(command)
-                if closing:
-                    break
+            while self._run_commands():
                 timeout = self._guard(self._worker.tick)
                 if timeout is not None:
                     self._gate.wait(timeout)
         finally:
-            pending, _ = self._gate.take()
-            self._worker.shutdown(pending)
+            self._worker.shutdown(self._gate.take()[0])
+
+    def _run_commands(self) -> bool:
+        """Run the queued commands; False once the engine is closing. Its own frame, so the
+        last command (a closure over a conversation: after a close, its whole history) is
+        released here, not kept by a loop variable while the engine idles."""
+        commands, closing = self._gate.take()
+        for command in commands:
+            self._guard(command)
+        return not closing
 
     def _guard(self, fn: Callable[[], T]) -> T | float:
         """Run engine-thread work; an unexpected error is logged, never kills the thread."""

@@ -35,6 +35,13 @@ class EngineStats:
     prefill_rows_total: int = 0  # prompt rows prefilled (turns and voice prefixes)
     prefix_prefills: int = 0  # system+voice prefixes prefilled into the shared prefix cache
     prefix_forks: int = 0  # conversation caches started from a shared prefix (not prefilled)
+    kv_evictions: int = 0  # idle conversations' KV caches evicted to make room (rebuilt later)
+    kv_rebuilds: int = 0  # turns that prefilled their evicted history again
+    prefix_evictions: int = 0  # cached voice prefixes evicted to make room
+    capacity_waits: int = 0  # turns that waited to start for KV pool room
+    capacity_refusals: int = 0  # turns refused with CapacityError after `kv_wait_s`
+    ttfa_rebuild_p95_s: float | None = None  # first audio of turns that rebuilt their KV
+    ttfa_cached_p95_s: float | None = None  # first audio of the other turns
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -55,10 +62,13 @@ class Metrics:
         self._frame_times: deque[tuple[float, int]] = deque()
         self._step_ms: deque[float] = deque(maxlen=keep)
         self._ttfa: deque[float] = deque(maxlen=keep)
+        self._ttfa_rebuild: deque[float] = deque(maxlen=keep)
+        self._ttfa_cached: deque[float] = deque(maxlen=keep)
         self.counts = dict.fromkeys(
             ("turns_started", "turns_finished", "turns_cancelled", "turns_failed",
              "frames_total", "ticks_total", "underruns", "prefill_rows", "prefix_prefills",
-             "prefix_forks"), 0
+             "prefix_forks", "kv_evictions", "kv_rebuilds", "prefix_evictions",
+             "capacity_waits", "capacity_refusals"), 0
         )
 
     def add(self, name: str, n: int = 1) -> None:
@@ -74,9 +84,11 @@ class Metrics:
             self._frame_times.append((now, frames))
             self._trim(now)
 
-    def record_ttfa(self, seconds: float) -> None:
+    def record_ttfa(self, seconds: float, *, rebuild: bool = False) -> None:
+        """First audio of a turn; `rebuild`: its history's KV was prefilled again first."""
         with self._lock:
             self._ttfa.append(seconds)
+            (self._ttfa_rebuild if rebuild else self._ttfa_cached).append(seconds)
 
     def _trim(self, now: float) -> None:
         while self._frame_times and now - self._frame_times[0][0] > self.window_s:
@@ -93,6 +105,7 @@ class Metrics:
             span = (now - self._frame_times[0][0]) if self._frame_times else 0.0
             fps = frames / max(span, 1e-3) if frames else 0.0
             steps, ttfa, c = list(self._step_ms), list(self._ttfa), dict(self.counts)
+            rebuilt, cached = list(self._ttfa_rebuild), list(self._ttfa_cached)
         return EngineStats(
             active_streams=active, queued_turns=queued, conversations=conversations,
             turns_started=c["turns_started"], turns_finished=c["turns_finished"],
@@ -102,5 +115,8 @@ class Metrics:
             ttfa_p50_s=percentile(ttfa, 50), ttfa_p95_s=percentile(ttfa, 95),
             underruns=c["underruns"], kv_rows_free=kv_rows_free,
             prefill_rows_total=c["prefill_rows"], prefix_prefills=c["prefix_prefills"],
-            prefix_forks=c["prefix_forks"],
+            prefix_forks=c["prefix_forks"], kv_evictions=c["kv_evictions"],
+            kv_rebuilds=c["kv_rebuilds"], prefix_evictions=c["prefix_evictions"],
+            capacity_waits=c["capacity_waits"], capacity_refusals=c["capacity_refusals"],
+            ttfa_rebuild_p95_s=percentile(rebuilt, 95), ttfa_cached_p95_s=percentile(cached, 95),
         )

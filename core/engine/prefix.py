@@ -115,6 +115,10 @@ class PrefixKVCache:
         """Entries with rows still to prefill."""
         return [e for e in self._entries.values() if e.pending is not None]
 
+    def unready(self) -> list[PrefixEntry]:
+        """Entries still being prefilled: their blocks cannot be evicted yet."""
+        return [e for e in self._entries.values() if not e.ready]
+
     def by_sid(self, sid: int) -> PrefixEntry | None:
         for entry in self._entries.values():
             if entry.sid == sid:

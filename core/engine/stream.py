@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import numbers
+import reprlib
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -67,7 +69,8 @@ class TurnStream:
     Iteration ends normally after the final chunk; after `cancel()` it raises `StreamCancelled`
     at once (no chunk is returned after a cancel); when the engine closes it raises
     `EngineClosed`; when serving this stream failed it raises that error (`StreamFailed` with
-    the original as `__cause__`, or `ContextOverflowError`).
+    the original as `__cause__`, `ContextOverflowError`, or the retryable `CapacityError` when the
+    KV pool could not hold the turn within `kv_wait_s`).
     """
 
     def __init__(self, link: _EngineLink, turn_id: int, max_text_chars: int) -> None:
@@ -146,9 +149,12 @@ class TurnStream:
         spoken as several turns is cut where playback stopped, its unplayed turns with 0).
         `played_s` is how much of this turn's audio was played; None keeps everything generated.
         No chunk is returned by iteration after this call.
+
+        Raises:
+            ValueError: `played_s` is not None or a finite real number >= 0 (seconds); a bool,
+                a string or an int too large for a float included. Nothing is cancelled then.
         """
-        if played_s is not None and not (math.isfinite(played_s) and played_s >= 0):
-            raise ValueError(f"played_s must be a finite number >= 0 or None, got {played_s!r}")
+        played_s = _check_played_s(played_s)
         with self._lock:
             if self._status in (TurnStatus.QUEUED, TurnStatus.ACTIVE):
                 self._status = TurnStatus.CANCELLED
@@ -237,6 +243,23 @@ class TurnStream:
             return
         if exc_type is not None or not self._text_ended:
             self.cancel()
+
+
+def _check_played_s(played_s: object) -> float | None:
+    """None, or `played_s` as a float; one documented error (ValueError) for anything else,
+    where `math.isfinite` alone raised OverflowError for a huge int and TypeError for a str."""
+    if played_s is None:
+        return None
+    value = math.nan
+    if isinstance(played_s, numbers.Real) and not isinstance(played_s, bool):
+        try:
+            value = float(played_s)
+        except (OverflowError, ValueError):
+            pass
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"played_s must be a finite number of seconds >= 0 or None, "
+                         f"got {reprlib.repr(played_s)}")
+    return value
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -92,6 +92,8 @@ class ActiveTurn:
         self.first_chunk_at: float | None = None
         self.underruns = 0  # not yet reported to the metrics
         self.sampler_started = False
+        self.kv_blocks = 0  # most pool blocks its sequence may hold (kept free at admission)
+        self.rebuild = False  # its history's KV had been evicted and is prefilled again
 
     # -- text ---------------------------------------------------------------------------------
     def ingest_text(self, now: float) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from core.conversation import Conversation, ConversationContext
 from core.engine.config import EngineConfig
-from core.engine.executor import Executor, Work
+from core.engine.executor import Executor, KVBudget, KVRoom, Work
 from core.engine.gate import Gate, Job
 from core.engine.metrics import Metrics
 from core.engine.prefix import PrefixEntry, PrefixKVCache
@@ -44,7 +44,7 @@ Item = tuple[str, Any]  # (SPEAK, TurnStream) | (USER, Job)
 class ConvState:
     """Engine-thread bookkeeping of one conversation (its context lives in `conv.context`)."""
 
-    __slots__ = ("conv", "queue", "active", "finished", "counter", "last_used")
+    __slots__ = ("conv", "queue", "active", "finished", "counter", "last_used", "room_wait")
 
     def __init__(self, conv: Conversation) -> None:
         self.conv = conv
@@ -55,6 +55,8 @@ class ConvState:
         self.finished: deque[ActiveTurn] = deque(maxlen=RECENT_TURNS)
         self.counter = 0  # frames drawn: the conversation's random stream spans its turns
         self.last_used = 0.0
+        # (turn at the head of the queue, since when) while it waits for KV pool room
+        self.room_wait: tuple[TurnStream, float] | None = None
 
 
 class Worker:
@@ -69,6 +71,7 @@ class Worker:
         self.convs: dict[int, ConvState] = {}
         self.active: dict[int, ActiveTurn] = {}  # turn id -> turn
         self.prefix_kv = PrefixKVCache(kv, config.prefix_cache_voices)
+        self.room = KVRoom(self)
         self.executor = Executor(self)
         self._stats_logged = time.monotonic()
 
@@ -110,6 +113,8 @@ class Worker:
 
     # -- commands (run in order on the engine thread) -----------------------------------------
     def add_conversation(self, conv: Conversation) -> None:
+        ctx = conv.context  # a history the pool cannot hold is trimmed, never refused for ever
+        ctx.max_rows = min(ctx.max_rows, self.room.max_context_rows())
         self.convs[conv.conv_id] = ConvState(conv)
 
     def enqueue(self, conv_id: int, item: Item) -> None:
@@ -160,6 +165,7 @@ class Worker:
             self.end_turn(cs.active, StreamCancelled("the conversation was closed"))
         del self.convs[conv_id]
         cs.conv.context.release_kv(self.kv)
+        cs.finished.clear()
 
     def shutdown(self, pending: list[Callable[[], None]]) -> None:
         """Engine closing: every waiting stream and job ends with EngineClosed."""
@@ -239,36 +245,63 @@ class Worker:
         return seq
 
     # -- turn lifecycle -------------------------------------------------------------------------
-    def _admit(self, now: float) -> None:
-        for cs in self.convs.values():
-            while cs.active is None and cs.queue:
-                kind, item = cs.queue.popleft()
-                if kind == USER:
-                    item()
-                else:
-                    self._start_turn(cs, item, now)
+    @property
+    def _reserve_rows(self) -> int:
+        """KV rows a turn may add after its history: lead, frames and the EOS row."""
+        return TEXT_LEAD + self.config.max_frames_per_turn + 1
 
-    def _start_turn(self, cs: ConvState, stream: TurnStream, now: float) -> None:
-        if stream.status is not TurnStatus.QUEUED:  # cancelled while queued
-            self.turn_over(stream, None)
-            return
+    def _admit(self, now: float) -> None:
+        """Start queued turns in order. A turn starts only when the KV pool can hold it to its
+        end beside the speaking turns; otherwise it waits (younger turns wait behind it)."""
+        budget: KVBudget | None = None
+        blocked = False
+        for cs in self.room.admission_order():
+            while cs.active is None and cs.queue:
+                kind, item = cs.queue[0]
+                if kind == USER:
+                    cs.queue.popleft()
+                    item()
+                    continue
+                if item.status is not TurnStatus.QUEUED:  # cancelled while queued
+                    cs.queue.popleft()
+                    self.turn_over(item, None)
+                    continue
+                if budget is None:
+                    budget = self.room.budget()
+                blocks = None if blocked else self.room.admit(cs, self._reserve_rows, budget)
+                if blocks is None:
+                    blocked = True
+                    if self.room.wait(cs, item, now):
+                        continue  # refused: the next item of this conversation may go
+                    break
+                cs.queue.popleft()
+                cs.room_wait = None
+                self._start_turn(cs, item, now, blocks)
+
+    def _start_turn(self, cs: ConvState, stream: TurnStream, now: float, kv_blocks: int) -> None:
         lease = self.slots.acquire()
         assert lease is not None, "admission guarantees a slot per speaking conversation"
         turn = ActiveTurn(stream, cs.conv.conv_id, lease, builder=self.builder,
                           tokenizer=self.tokenizer, config=self.config,
                           sample_rate=self.sample_rate, now=now)
+        turn.kv_blocks = kv_blocks
         self.active[stream.turn_id] = turn
         cs.active, cs.last_used = turn, now
         self.metrics.add("turns_started")
-        reserve = TEXT_LEAD + self.config.max_frames_per_turn + 1  # lead, frames, EOS row
+        reserve = self._reserve_rows
 
         def prepare() -> None:
             ctx = cs.conv.context
+            turn.rebuild = ctx.kv_evicted
+            self.metrics.add("kv_rebuilds", int(turn.rebuild))
             target = ctx.begin_assistant(reserve)
+            turn.kv_blocks = self.room.blocks(int(target.shape[0]) + reserve)
             n, entry = ctx.prefix_len(), None
             if not ctx.holds_prefix(target, n):  # new, evicted, or a new voice: fork
                 key = None if ctx.voice is None else ctx.voice.key
                 entry = self.prefix_kv.acquire(key, target[:n], now)
+                if entry is not None:  # a fork will replace the cache: free it now, not
+                    ctx.release_kv(self.kv)  # once the prefix is ready
             if entry is not None and not entry.ready:
                 turn.prefix_wait = (entry.key, target)  # queued once the prefix is in the KV
             else:
@@ -284,6 +317,8 @@ class Worker:
         the rows still missing ahead of the turn's lead."""
         ctx = self.convs[turn.conv_id].conv.context
         before = ctx.seq_id
+        if prefix is not None and prefix.rows.shape[0] % self.kv.block_size:
+            self.room.free_one_block()  # the fork copies the prefix's partial block
         turn.queue_rows(ctx.sync_kv(self.kv, target, prefix), front=True)
         if prefix is not None and ctx.seq_id != before and ctx.kv_len > 0:
             self.metrics.add("prefix_forks")
@@ -318,12 +353,7 @@ class Worker:
                 self.slots.release(turn.lease)
             if cs is not None:
                 cs.active, cs.last_used = None, time.monotonic()
-                if error is None:
-                    heard = turn.heard(played_s)
-                    if heard is not None:
-                        cs.conv.context.add_assistant(turn.stream.turn_id, heard.text,
-                                                      heard.text_ids, heard.frames)
-                    cs.finished.append(turn)
+                self._keep_heard(cs, turn, error, played_s)
                 cs.conv._publish()  # also after a failure: the turn may have trimmed old turns
         finally:  # whatever went wrong above, the consumer sees the end of its turn
             name = "turns_cancelled" if cancelled else "turns_failed" if error else "turns_finished"
@@ -333,6 +363,23 @@ class Worker:
             if error is not None:
                 log.info("turn %d failed: %r", turn.stream.turn_id, error)
             self.turn_over(turn.stream, None if cancelled else error)
+
+    def _keep_heard(self, cs: ConvState, turn: ActiveTurn, error: BaseException | None,
+                    played_s: float | None) -> None:
+        """Record the turn as heard. A failed turn keeps the audio it delivered (the listener
+        heard it, as after a cancel) and stays cuttable by a later `cancel(played_s)`."""
+        try:
+            heard = turn.heard(played_s)
+            if heard is not None:
+                cs.conv.context.add_assistant(turn.stream.turn_id, heard.text, heard.text_ids,
+                                              heard.frames)
+        except Exception:
+            if error is None:
+                raise  # the turn fails with it
+            log.exception("turn %d: its delivered audio is not kept", turn.stream.turn_id)
+            return
+        if error is None or heard is not None:
+            cs.finished.append(turn)
 
     def turn_over(self, stream: TurnStream, error: BaseException | None) -> None:
         """Release admission before the consumer can see the end (its next speak() fits)."""

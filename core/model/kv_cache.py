@@ -22,6 +22,11 @@ from core.model.config import ModelConfig
 from core.model.layers import attention
 
 
+class KVPoolExhausted(ContextOverflowError):
+    """No free block for an append or a copy. The engine keeps room for every speaking turn
+    and evicts idle caches first, so it never lets this reach a caller as a context overflow."""
+
+
 class KVPool:
     """Block pool of backbone keys/values with per-sequence block tables."""
 
@@ -109,7 +114,7 @@ class KVPool:
         reuse one prefilled system+voice prefix.
 
         Raises:
-            ContextOverflowError: no free block for the copied partial block.
+            KVPoolExhausted: no free block for the copied partial block.
         """
         self._check(src_seq)
         if not 0 <= length <= self._lengths[src_seq]:
@@ -130,7 +135,7 @@ class KVPool:
     def _copy_block(self, block: int, rows: int) -> int:
         """A fresh block holding the first `rows` rows of `block` (every layer)."""
         if not self._free_blocks:
-            raise ContextOverflowError(
+            raise KVPoolExhausted(
                 f"KV pool exhausted: need 1 block of {self.block_size} rows, 0 free"
             )
         new = self._free_blocks.pop()
@@ -150,10 +155,22 @@ class KVPool:
             else:
                 self._free_blocks.append(block)
 
-    def reserve(self, seq_ids: list[int], new_rows: list[int]) -> None:
-        """Grow block tables for appending `new_rows[i]` rows to `seq_ids[i]`; all or nothing."""
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"a sequence appears twice in one batch: {seq_ids}")
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    def table(self, seq_id: int) -> list[int]:
+        """The blocks `seq_id` holds, in order (a copy; shared blocks included)."""
+        self._check(seq_id)
+        return list(self._tables[seq_id])
+
+    def blocks_needed(self, seq_ids: list[int], new_rows: list[int]) -> int:
+        """Free blocks `reserve(seq_ids, new_rows)` takes: new blocks plus copy-on-write copies
+        (so the engine can evict exactly enough before a step)."""
+        needs, copies = self._needs(seq_ids, new_rows)
+        return sum(needs) + len(copies)
+
+    def _needs(self, seq_ids: list[int], new_rows: list[int]) -> tuple[list[int], list[int]]:
         needs = []
         for seq_id, n in zip(seq_ids, new_rows, strict=True):
             self._check(seq_id)
@@ -161,8 +178,15 @@ class KVPool:
             needs.append(total - len(self._tables[seq_id]))
         copies = [seq_id for seq_id, n in zip(seq_ids, new_rows, strict=True)
                   if self._writes_shared(seq_id, n)]
+        return needs, copies
+
+    def reserve(self, seq_ids: list[int], new_rows: list[int]) -> None:
+        """Grow block tables for appending `new_rows[i]` rows to `seq_ids[i]`; all or nothing."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"a sequence appears twice in one batch: {seq_ids}")
+        needs, copies = self._needs(seq_ids, new_rows)
         if sum(needs) + len(copies) > len(self._free_blocks):
-            raise ContextOverflowError(
+            raise KVPoolExhausted(
                 f"KV pool exhausted: need {sum(needs) + len(copies)} blocks of "
                 f"{self.block_size} rows, {len(self._free_blocks)} free"
             )

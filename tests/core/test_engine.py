@@ -715,3 +715,78 @@ async def test_a_stream_left_without_text_times_out_and_frees_its_slot(parts):
         assert chunks
     finally:
         engine.close()
+
+
+async def test_a_failed_turn_keeps_the_audio_it_delivered(parts, monkeypatch):
+    """Prevents a failure mid-turn erasing what the listener already heard: the conversation
+    keeps the delivered frames as the turn (as a cancel there would), the next turn's prompt
+    holds them, and a later cancel(played_s) on the failed stream trims them like any turn."""
+    engine = make_engine(parts, max_frames_per_turn=200)
+    try:
+        ref_conv = engine.conversation(sampling=SamplingParams(seed=5))
+        await speak(ref_conv, LONG_TEXT)
+        reference = frames_of(ref_conv)
+        conv = engine.conversation(sampling=SamplingParams(seed=5))
+        real, calls = engine.codec.decode_step, [0]
+
+        def faulty(codes, slots, state):
+            calls[0] += 1
+            if calls[0] > 8:  # the 9th frame fails: 8 decoded, 7 of them delivered (1,1,2,3)
+                raise RuntimeError("injected fault")
+            return real(codes, slots, state)
+
+        monkeypatch.setattr(engine.codec, "decode_step", faulty)
+        got = []
+        with pytest.raises(StreamFailed):
+            _, got = await _collect(conv, LONG_TEXT, got)
+        monkeypatch.undo()
+        delivered = round(sum(c.duration_s for c in got) / 0.08)
+        assert delivered == 7
+        await wait_until(lambda: bool(conv.turns))
+        assert conv.turns[-1].role == "assistant" and conv.turns[-1].frames == delivered
+        assert torch.equal(frames_of(conv), reference[:delivered])
+        assert LONG_TEXT.startswith(conv.turns[-1].text) and conv.turns[-1].text
+        history = conv.context.history_rows()  # the failed turn is in the canonical rows ...
+        _, chunks = await speak(conv, "Sorry, go on.")
+        assert chunks
+        kv_rows = conv.context.kv_rows()  # ... and in the next turn's prompt
+        assert torch.equal(kv_rows[: history.shape[0]], history)
+        failed = engine._worker.convs[conv.conv_id].finished[0].stream
+        assert failed.status is TurnStatus.FAILED
+        failed.cancel(played_s=0.16)  # the listener heard only 2 frames of it
+        await wait_until(lambda: conv.turns[0].frames == 2)
+        assert torch.equal(frames_of(conv, 0), reference[:2])
+        assert [t.frames > 0 for t in conv.turns] == [True, True]
+    finally:
+        engine.close()
+
+
+async def _collect(conv, text, got):
+    stream = conv.speak()
+    stream.push_text(text)
+    stream.end_text()
+    async for chunk in stream:
+        got.append(chunk)
+    return stream, got
+
+
+async def test_a_closed_conversation_is_freed_while_the_engine_idles(parts):
+    """Prevents the engine thread keeping the last closed conversation (its whole history)
+    alive until the next command arrives: its context is collectable at once."""
+    import gc
+    import weakref
+
+    engine = make_engine(parts)
+    try:
+        conv = engine.conversation(sampling=SamplingParams(seed=1))
+        await speak(conv, "Hello there.")
+        context = weakref.ref(conv.context)
+        conv_id = conv.conv_id
+        conv.close()
+        await wait_until(lambda: conv_id not in engine._worker.convs)
+        await asyncio.sleep(0.1)  # the engine is idle now, waiting for work
+        del conv
+        gc.collect()
+        assert context() is None
+    finally:
+        engine.close()
