@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,11 @@ class Engine:
         self._worker = Worker(config=config, gate=self._gate, runner=runner, kv=self.kv,
                               builder=self.builder, tokenizer=tokenizer,
                               sample_rate=codec.sample_rate)
+        # Voices and user audio are encoded here, off the tick path: a minute of user audio costs
+        # seconds of codec time on a CPU, and on the engine thread it stalled every stream.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moss-encoder")
+        self._encoder.submit(torch.set_grad_enabled, False)  # starts its thread with the engine's
+        self._encode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="moss-engine", daemon=True)
         self._thread.start()
 
@@ -96,7 +102,7 @@ class Engine:
 
     # -- public API -----------------------------------------------------------------------------
     async def load_voice(self, source: Any, sample_rate: int | None = None) -> Voice:
-        """Read, validate and encode reference audio on the engine thread (cached by content).
+        """Read, validate and encode reference audio on the encoder thread (cached by content).
 
         What needs no decoding (sample rate 8..192 kHz, type, dtype, shape, length and size from
         the shape or header) is checked here first, so bad input never reaches the engine thread.
@@ -106,7 +112,7 @@ class Engine:
                 sample rate outside 8..192 kHz; an unusable type, dtype or shape.
         """
         self._voices.check(source, sample_rate)
-        return await self._call(lambda: self._voices.load(source, sample_rate))
+        return await self._encode(lambda: self._voices.load(source, sample_rate))
 
     def conversation(
         self, voice: Voice | None = None, sampling: SamplingParams | None = None
@@ -146,6 +152,7 @@ class Engine:
         self._gate.close()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()
+        self._encoder.shutdown(wait=True, cancel_futures=True)
 
     async def aclose(self) -> None:
         """`close()` without blocking the caller's event loop while the thread stops."""
@@ -198,10 +205,12 @@ class Engine:
         if conv.closed:
             raise EngineClosed("this conversation was closed")
 
+        codes = None
+        if audio is not None:
+            codes = await self._encode(
+                lambda: self._voices.encode_user_audio(audio, sample_rate, max_s))
+
         def add() -> None:
-            codes = None
-            if audio is not None:
-                codes = self._voices.encode_user_audio(audio, sample_rate, max_s)
             conv.context.add_user(text, codes)
             conv._publish()
 
@@ -222,11 +231,23 @@ class Engine:
         self._gate.close_conversation(conv.conv_id,
                                       lambda: self._worker.drop_conversation(conv.conv_id))
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the engine thread and await its result from the caller's loop."""
-        job = Job(fn, asyncio.get_running_loop())
-        self._gate.post(job)
-        return await job.fut
+    async def _encode(self, fn: Callable[[], T]) -> T:
+        """Run codec work on the encoder thread (its own CUDA stream), never on the tick path."""
+        if self.closed:
+            raise EngineClosed("the engine was closed")
+
+        def run() -> T:
+            if self._encode_stream is None:
+                return fn()
+            with torch.cuda.stream(self._encode_stream):
+                return fn()  # results come back on the CPU, which waits for this stream
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._encoder, run)
+        except RuntimeError as exc:  # the executor was shut down by a concurrent close()
+            if self.closed:
+                raise EngineClosed("the engine was closed") from exc
+            raise
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:

@@ -790,3 +790,39 @@ async def test_a_closed_conversation_is_freed_while_the_engine_idles(parts):
         assert context() is None
     finally:
         engine.close()
+
+
+async def test_user_audio_and_voices_are_encoded_off_the_tick_path(parts, monkeypatch):
+    """Prevents a long user recording (a minute: seconds of codec time on a CPU) stalling every
+    other stream: while one conversation's audio is being encoded, another turn runs to its
+    end, and the codec's encode never runs on the engine thread."""
+    engine = make_engine(parts)
+    held, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+    encode = engine.codec.encode
+
+    def slow_encode(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        held.set()
+        assert release.wait(20), "the test never released the encode"
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.codec, "encode", slow_encode)
+    try:
+        listener, speaker = engine.conversation(), engine.conversation()
+        audio = np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 3).astype(np.float32)
+        adding = asyncio.create_task(listener.add_user_turn(text="hi", audio=audio,
+                                                            sample_rate=16000))
+        await asyncio.to_thread(held.wait, 20)
+        stream, chunks = await asyncio.wait_for(speak(speaker, "Still speaking."), 20)
+        assert chunks and stream.frames > 0  # a whole turn while the encode was held
+        assert not adding.done()
+        release.set()
+        await asyncio.wait_for(adding, 20)
+        assert listener.turns[-1].role == "user" and listener.turns[-1].frames > 0
+        voice = await engine.load_voice(audio, sample_rate=16000)
+        assert voice.codes.shape[0] > 0
+        assert threads and all(name.startswith("moss-encoder") for name in threads), threads
+    finally:
+        release.set()
+        engine.close()
