@@ -10,42 +10,30 @@ import time
 import numpy as np
 import pytest
 import torch
+from engine_kit import build_engine, load_parts
 
 from core import (
     AdmissionError,
     ContextOverflowError,
-    Engine,
     EngineClosed,
-    EngineConfig,
     SamplingParams,
     StreamCancelled,
     StreamFailed,
     TextTooLongError,
 )
-from core.codec import MossAudioCodec
 from core.engine.gate import Gate
 from core.engine.stream import TurnStatus
-from core.model import MossTTSRealtime
-from core.text import IncrementalTokenizer, load_tokenizer, normalize_text
+from core.text import IncrementalTokenizer, normalize_text
 
 TEXT = "Hello there, this is a test. How are you today?"
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_dirs):
-    """Model, codec and tokenizer loaded once; each test builds its own Engine around them."""
-    model_dir, codec_dir = tiny_dirs
-    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32)
-    codec = MossAudioCodec.from_pretrained(codec_dir)
-    return model, codec, load_tokenizer(model_dir)
+    return load_parts(tiny_dirs)
 
 
-def make_engine(parts, model=None, **overrides) -> Engine:
-    cfg = dict(max_streams=4, max_conversations=8, max_frames_per_turn=40, kv_block_size=16,
-               kv_num_blocks=512, lead_s=None)
-    cfg.update(overrides)
-    base_model, codec, tok = parts
-    return Engine(model or base_model, codec, tok, config=EngineConfig(**cfg))
+make_engine = build_engine
 
 
 async def speak(conv, text, *, deltas=1):

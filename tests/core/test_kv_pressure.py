@@ -8,39 +8,30 @@ import random
 
 import pytest
 import torch
+from engine_kit import build_engine, load_parts
 
 from core import (
     AdmissionError,
     CapacityError,
     ContextOverflowError,
     Engine,
-    EngineConfig,
     SamplingParams,
     StreamCancelled,
 )
-from core.codec import MossAudioCodec
 from core.engine.stream import TurnStatus
-from core.model import KVPool, MossTTSRealtime
+from core.model import KVPool
 from core.model.kv_cache import KVPoolExhausted
-from core.text import load_tokenizer
 
 WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_dirs):
-    model_dir, codec_dir = tiny_dirs
-    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32)
-    codec = MossAudioCodec.from_pretrained(codec_dir)
-    return model, codec, load_tokenizer(model_dir)
+    return load_parts(tiny_dirs)
 
 
 def make_engine(parts, **overrides) -> Engine:
-    cfg = dict(max_streams=4, max_conversations=8, max_frames_per_turn=24, kv_block_size=16,
-               kv_num_blocks=512, lead_s=None)
-    cfg.update(overrides)
-    model, codec, tok = parts
-    return Engine(model, codec, tok, config=EngineConfig(**cfg))
+    return build_engine(parts, **{"max_frames_per_turn": 24, **overrides})
 
 
 async def wait_until(pred, limit_s=10.0):

@@ -7,12 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+from engine_kit import build_engine, load_parts
 
-from core import Engine, EngineConfig, SamplingParams
-from core.codec import MossAudioCodec
+from core import Engine, SamplingParams
 from core.engine.stream import TurnStatus
-from core.model import MossTTSRealtime
-from core.text import load_tokenizer
 from core.voices import Voice
 
 TEXT = "Hello there, this is a shared voice speaking."
@@ -21,18 +19,11 @@ TEXT = "Hello there, this is a shared voice speaking."
 @pytest.fixture(scope="module")
 def parts(tiny_dirs):
     """Tiny model in float64 (so a different prefill split can never flip a sampled code)."""
-    model_dir, codec_dir = tiny_dirs
-    model = MossTTSRealtime.from_pretrained(model_dir, dtype=torch.float32).to(torch.float64)
-    codec = MossAudioCodec.from_pretrained(codec_dir)
-    return model, codec, load_tokenizer(model_dir)
+    return load_parts(tiny_dirs, torch.float64)
 
 
 def make_engine(parts, **overrides) -> Engine:
-    cfg = dict(max_streams=4, max_conversations=8, max_frames_per_turn=30, kv_block_size=16,
-               kv_num_blocks=512, lead_s=None)
-    cfg.update(overrides)
-    model, codec, tok = parts
-    return Engine(model, codec, tok, config=EngineConfig(**cfg))
+    return build_engine(parts, **{"max_frames_per_turn": 30, **overrides})
 
 
 def voice(n: int, seed: int) -> Voice:
