@@ -14,11 +14,12 @@ from core import (
     AdmissionError,
     CapacityError,
     ContextOverflowError,
+    Conversation,
     Engine,
     SamplingParams,
     StreamCancelled,
 )
-from core.engine.stream import TurnStatus
+from core.engine.stream import TurnStatus, TurnStream
 from core.model import KVPool
 from core.model.kv_cache import KVPoolExhausted
 
@@ -133,16 +134,22 @@ async def test_a_turn_the_pool_cannot_hold_waits_then_gets_capacity_error(parts)
         engine.close()
 
 
+async def _pool_held_by_a_long_turn(engine: Engine) -> tuple[TurnStream, Conversation]:
+    """A first turn speaking (its text not ended) that holds the small pool, and a second
+    conversation whose turns must ask for room beside it."""
+    first = engine.conversation(sampling=SamplingParams(seed=1))
+    long = first.speak()
+    long.push_text("A sentence that keeps the first turn speaking for a while.")
+    await wait_until(lambda: long.frames > 0)
+    return long, engine.conversation(sampling=SamplingParams(seed=2))
+
+
 async def test_a_waiting_turn_starts_when_room_frees_up(parts):
     """Prevents refusing a turn that only had to wait: it starts as soon as the speaking turn
     ends, well within `kv_wait_s`."""
     engine = make_engine(parts, kv_num_blocks=18, max_frames_per_turn=40, kv_wait_s=30.0)
     try:
-        first = engine.conversation(sampling=SamplingParams(seed=1))
-        long = first.speak()
-        long.push_text("A sentence that keeps the first turn speaking for a while.")
-        await wait_until(lambda: long.frames > 0)
-        second = engine.conversation(sampling=SamplingParams(seed=2))
+        long, second = await _pool_held_by_a_long_turn(engine)
         waiting = second.speak()
         waiting.push_text("Me too.")
         waiting.end_text()
@@ -204,11 +211,7 @@ async def test_cancelled_waiting_turn_leaves_the_queue(parts):
     """Prevents a cancelled turn that waited for room from blocking the turns behind it."""
     engine = make_engine(parts, kv_num_blocks=18, max_frames_per_turn=40, kv_wait_s=30.0)
     try:
-        first = engine.conversation(sampling=SamplingParams(seed=1))
-        long = first.speak()
-        long.push_text("A sentence that keeps the first turn speaking for a while.")
-        await wait_until(lambda: long.frames > 0)
-        second = engine.conversation(sampling=SamplingParams(seed=2))
+        long, second = await _pool_held_by_a_long_turn(engine)
         waiting = second.speak()
         await wait_until(lambda: engine.stats().capacity_waits == 1)
         waiting.cancel()

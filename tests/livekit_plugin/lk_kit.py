@@ -224,3 +224,16 @@ def stream_in_speech(tts: Any, session: AgentSession, speech: Any) -> Any:
 
 def new_agent(instructions: str = "You are a helpful voice assistant.") -> Agent:
     return Agent(instructions=instructions)
+
+
+class NumberedFrames(AudioInput):
+    """An audio input of numbered 10 ms frames (sample value = frame index), read on demand: where
+    each captured sample came from stays visible."""
+
+    def __init__(self) -> None:
+        super().__init__(label="frames")
+        self.n = 0
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        self.n += 1
+        return rtc.AudioFrame(np.full(240, self.n, dtype=np.int16).tobytes(), 24000, 1, 240)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from livekit import rtc
 from livekit.agents import APIConnectOptions, tts
-from livekit.agents.voice.io import AudioInput
-from lk_kit import make_session, new_agent, wait_until
+from lk_kit import NumberedFrames, make_session, new_agent, wait_until
 
 from core.errors import InvalidAudioError
 from moss_livekit import TTS, MossTTSError
@@ -122,23 +120,10 @@ async def test_reply_growing_past_the_limit_fails_precisely_and_the_next_speaks(
         await plugin.aclose()
 
 
-class _Frames(AudioInput):
-    """An audio input that yields numbered 10 ms frames (sample value = frame index)."""
-
-    def __init__(self) -> None:
-        super().__init__(label="frames")
-        self.n = 0
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        self.n += 1
-        data = np.full(240, self.n, dtype=np.int16).tobytes()
-        return rtc.AudioFrame(data, 24000, 1, 240)
-
-
 async def test_user_audio_tap_keeps_the_speech_before_the_vad_fired() -> None:
     """Prevents: the user's first syllables missing from the audio the model is conditioned on
     (the VAD says "speaking" only after some speech): the 0.3 s before it are kept."""
-    tap = UserAudioTap(_Frames())
+    tap = UserAudioTap(NumberedFrames())
     for _ in range(50):  # 0.5 s of audio before the VAD fires
         await tap.__anext__()
     tap.recording = True

@@ -18,6 +18,7 @@ from livekit.agents.voice.io import AudioInput, AudioOutputCapabilities
 from livekit.agents.voice.transcription import TranscriptSynchronizer
 from lk_kit import (
     CollectingTextOutput,
+    NumberedFrames,
     RealtimeAudioOutput,
     ScriptedLLM,
     new_agent,
@@ -351,18 +352,6 @@ async def test_the_sound_of_a_false_interruption_is_not_given_with_the_next_turn
         await plugin.aclose()
 
 
-class _Frames(AudioInput):
-    """An audio input of numbered 10 ms frames (sample value = frame index), read on demand."""
-
-    def __init__(self) -> None:
-        super().__init__(label="frames")
-        self.n = 0
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        self.n += 1
-        return rtc.AudioFrame(np.full(240, self.n, dtype=np.int16).tobytes(), 24000, 1, 240)
-
-
 async def _speech(tap: UserAudioTap, frames: int) -> list[int]:
     """The VAD reports `frames` frames of speech; returns their numbers."""
     tap.recording = True
@@ -376,7 +365,7 @@ async def test_words_that_come_late_keep_their_speech_and_a_wordless_sound_is_dr
     """Prevents: a slow recognizer's transcript (arriving while the user is silent, long after
     the VAD's end of speech) losing the user's speech, or a wordless sound before it being
     given with the turn."""
-    tap = UserAudioTap(_Frames(), pre_roll_s=0.0, late_transcript_s=0.05)
+    tap = UserAudioTap(NumberedFrames(), pre_roll_s=0.0, late_transcript_s=0.05)
     await _speech(tap, 10)  # a sound: no transcript ever comes for it
     for _ in range(50):
         await tap.__anext__()
@@ -392,7 +381,7 @@ async def test_words_that_come_before_the_vad_go_with_the_speech_that_starts() -
     """Prevents: the first transcript of new speech, when it reaches LiveKit a moment before its
     VAD reports that speech, being credited to an earlier wordless sound (which would then be
     given with the turn)."""
-    tap = UserAudioTap(_Frames(), pre_roll_s=0.0, late_transcript_s=0.05)
+    tap = UserAudioTap(NumberedFrames(), pre_roll_s=0.0, late_transcript_s=0.05)
     await _speech(tap, 10)  # a sound: no transcript ever comes for it
     await asyncio.sleep(0.1)
     tap.words_heard()  # the recognizer is ahead of the VAD ...
