@@ -18,8 +18,9 @@ from torch import Tensor
 
 from core.conversation import Conversation, ConversationContext
 from core.engine.config import EngineConfig
-from core.engine.executor import Executor, KVBudget, KVRoom, Work
+from core.engine.executor import Executor, Work
 from core.engine.gate import Gate, Job
+from core.engine.kv_room import KVBudget, KVRoom
 from core.engine.metrics import Metrics
 from core.engine.prefix import PrefixEntry, PrefixKVCache
 from core.engine.runner import ModelRunner, RowWork
