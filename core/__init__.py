@@ -10,10 +10,10 @@ The heavy names (engine, model, codec) are imported lazily on first use (PEP 562
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core import errors
+from core._lazy import lazy_exports
 from core.errors import (
     AdmissionError,
     CapacityError,
@@ -29,11 +29,18 @@ from core.errors import (
 from core.version import __version__
 
 if TYPE_CHECKING:
-    from core.conversation import Conversation, TurnView
-    from core.engine import AudioChunk, Engine, EngineConfig, EngineStats, TurnStatus, TurnStream
-    from core.model import SamplingParams
+    from core.engine import (
+        AudioChunk,
+        Conversation,
+        Engine,
+        EngineConfig,
+        EngineStats,
+        TurnStatus,
+        TurnStream,
+    )
+    from core.history import TurnView
     from core.timings import WordTiming
-    from core.voices import Voice
+    from core.values import SamplingParams, UserTurn, Voice
 
 _LAZY = {
     "Engine": "core.engine",
@@ -42,10 +49,11 @@ _LAZY = {
     "AudioChunk": "core.engine",
     "TurnStream": "core.engine",
     "TurnStatus": "core.engine",
-    "Conversation": "core.conversation",
-    "TurnView": "core.conversation",
-    "SamplingParams": "core.model",
-    "Voice": "core.voices",
+    "Conversation": "core.engine",
+    "TurnView": "core.history",
+    "SamplingParams": "core.values",
+    "UserTurn": "core.values",
+    "Voice": "core.values",
     "WordTiming": "core.timings",
 }
 
@@ -69,6 +77,7 @@ __all__ = [
     "TurnStatus",
     "TurnStream",
     "TurnView",
+    "UserTurn",
     "Voice",
     "WordTiming",
     "__version__",
@@ -76,14 +85,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

@@ -376,3 +376,14 @@ def int16_to_float(x: np.ndarray | bytes | bytearray | memoryview) -> np.ndarray
     if x.dtype != np.int16:
         raise InvalidAudioError(f"int16_to_float expects int16 samples, got {x.dtype}")
     return x.astype(np.float32) / 32768.0
+
+
+def check_voice_file(voice: object) -> None:
+    """A voice setting that is a path must name an existing file: checked when a plugin is
+    configured, not at the first reply of a live call (what is inside is checked on load).
+
+    Raises:
+        InvalidAudioError: (a ValueError) "voice file not found: ...".
+    """
+    if isinstance(voice, str | Path) and not Path(voice).expanduser().is_file():
+        raise InvalidAudioError(f"voice file not found: {voice}")

@@ -15,6 +15,7 @@ import torch
 log = logging.getLogger("core.device")
 
 AUTO = "auto"
+COMPUTE_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})  # model and codec
 CPU_WARNING = (
     "no CUDA device visible to torch: running on the CPU; real MOSS weights on a CPU are not real "
     "time (about 0.08x; install a CUDA build of torch for a GPU)"

@@ -22,7 +22,9 @@ fine.
 
 Concurrent loads of the same content (two rooms starting with one voice) share one encode: the
 first loader encodes, later ones wait for its voice or its error (an in-flight map keyed by the
-content hash); after an error the next load tries again.
+content hash); after an error the next load tries again. A file already loaded is found by its
+path, size and modification time, so plugins that load their voice setting before every turn
+(or every room) need no cache of their own: an unchanged file is neither read nor hashed again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import hashlib
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +52,21 @@ from core.audio import (
 )
 from core.codec import MossAudioCodec
 from core.errors import InvalidAudioError
+from core.values import NUM_CODEBOOKS, Voice
 
-NUM_CODEBOOKS = 16
 
-
-@dataclass(frozen=True)
-class Voice:
-    """An encoded voice prompt: what the prompt builder needs, plus its identity."""
-
-    codes: torch.Tensor = field(repr=False)  # Long[N, 16] on CPU
-    key: str  # sha256 of the source content (and its declared sample rate)
-    duration_s: float  # duration of the encoded frames (N * 0.08 s)
-
-    def __post_init__(self) -> None:
-        assert self.codes.dtype == torch.long and self.codes.device.type == "cpu", "codes: Long CPU"
-        assert self.codes.dim() == 2 and self.codes.shape[1] == NUM_CODEBOOKS, "codes: [N, 16]"
+def file_stamp(
+    source: AudioSource, sample_rate: int | None
+) -> tuple[str, int, int, int | None] | None:
+    """(path, size, modification time, rate) of a voice file: a reload of an unchanged file
+    skips reading and hashing it (None for in-memory audio)."""
+    if not isinstance(source, str | Path):
+        return None
+    try:
+        st = Path(source).expanduser().resolve().stat()
+    except OSError:
+        return None
+    return str(Path(source).expanduser().resolve()), st.st_size, st.st_mtime_ns, sample_rate
 
 
 def content_key(source: AudioSource, sample_rate: int | None) -> str:
@@ -111,6 +112,7 @@ class VoiceEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Voice] = OrderedDict()
         self._inflight: dict[str, Future[Voice]] = {}  # content key -> the encode under way
+        self._by_file: dict[tuple[str, int, int, int | None], str] = {}  # file stamp -> key
         self._lock = threading.Lock()
         self.encodes = 0  # how many times the codec actually ran (cache misses)
 
@@ -126,8 +128,18 @@ class VoiceEncoder:
         its voice (or raises its error) instead of running the codec a second time.
         """
         self.check(source, sample_rate)
+        stamp = file_stamp(source, sample_rate)
+        with self._lock:
+            known = self._by_file.get(stamp) if stamp is not None else None
+            if known is not None and known in self._cache:  # same file, unchanged: not read
+                self._cache.move_to_end(known)
+                return self._cache[known]
         key = content_key(source, sample_rate)
         with self._lock:
+            if stamp is not None:
+                self._by_file[stamp] = key
+                while len(self._by_file) > self.cache_size:
+                    self._by_file.pop(next(iter(self._by_file)))
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]

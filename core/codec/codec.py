@@ -19,11 +19,11 @@ from core.codec.config import CodecConfig, PatchSpec, TransformerSpec
 from core.codec.layers import ProjectedTransformer, patch_down, patch_up
 from core.codec.quantizer import ResidualLFQ, official_quantizer_keys
 from core.codec.streaming import CodecDecodeState
+from core.device import COMPUTE_DTYPES
 from core.errors import CheckpointError
 from core.hub import load_safetensors, read_json, resolve_pretrained
 
 _MAX_LISTED = 8
-_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def _stages(specs: tuple) -> nn.ModuleList:
@@ -67,7 +67,7 @@ class MossAudioCodec(nn.Module):
 
         `dtype` applies to the encoder/decoder transformers; the quantizer stays float32.
         """
-        if dtype not in _DTYPES:
+        if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of float32/bfloat16/float16, got {dtype}")
         directory = resolve_pretrained(name_or_path, allow_patterns=["*.json", "*.safetensors"])
         config = CodecConfig.from_dict(read_json(directory / "config.json"))

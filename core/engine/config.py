@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-FRAME_RATE = 12.5  # codec frames per second (80 ms per frame)
-FRAME_S = 1.0 / FRAME_RATE
-
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -61,6 +58,9 @@ class EngineConfig:
             the turns already speaking (each keeps room for its whole turn, so a running turn
             never fails for memory; idle conversations' caches are evicted, never waited for);
             then it ends with `CapacityError` (retryable) before any audio.
+        cuttable_turns: finished turns per conversation that `TurnStream.mark_played` can
+            still cut (a reply spoken as several turns is heard after all are generated; a
+            plugin keeps at most this many of its own for a late barge-in).
     """
 
     max_streams: int = 16
@@ -84,13 +84,14 @@ class EngineConfig:
     prefix_cache_voices: int = 32
     max_user_audio_s: float = 60.0
     kv_wait_s: float = 5.0
+    cuttable_turns: int = 8
 
     def __post_init__(self) -> None:
         positive = (
             "max_streams", "max_conversations", "max_turns_per_conversation",
             "max_context_rows", "max_frames_per_turn",
             "max_text_chars", "max_batch", "prefill_chunk", "first_chunk_frames",
-            "chunk_frames", "kv_block_size", "kv_rows_per_conversation",
+            "chunk_frames", "kv_block_size", "kv_rows_per_conversation", "cuttable_turns",
         )
         for name in positive:
             value = getattr(self, name)
@@ -125,10 +126,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv_wait_s must be a finite number >= 0, got "
                              f"{self.kv_wait_s!r}")
 
-    @property
-    def num_kv_blocks(self) -> int:
-        """Blocks of the shared KV pool (explicit, or sized from the conversation limit)."""
+    def kv_pool_blocks(self, device_blocks: int | None = None) -> int:
+        """Blocks of the shared KV pool: `kv_num_blocks` when set, else enough for
+        `max_conversations` conversations of `kv_rows_per_conversation` rows, at most
+        `device_blocks` (what `kv_memory_fraction` of the free device memory holds)."""
         if self.kv_num_blocks is not None:
             return self.kv_num_blocks
-        per_conv = -(-self.kv_rows_per_conversation // self.kv_block_size)
-        return per_conv * self.max_conversations
+        blocks = -(-self.kv_rows_per_conversation // self.kv_block_size) * self.max_conversations
+        return blocks if device_blocks is None else max(1, min(blocks, device_blocks))

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from core.codec import MossAudioCodec
 from core.codec.streaming import CodecDecodeState
-from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams
-from core.model.sampling import MAX_REPETITION_WINDOW
+from core.model import KVPool, MossTTSRealtime, SamplerBatch
+from core.values import MAX_REPETITION_WINDOW, SamplingParams
 
 
 @dataclass(slots=True)

@@ -115,7 +115,7 @@ def plan_step(
 
 
 @dataclass(slots=True)
-class PlaybackClock:
+class ListenerClock:
     """A model of the listener: plays each chunk in real time from its arrival, back to back.
 
     It gives the audio buffered ahead of playback (the scheduling deadline and the lead cap) and

@@ -28,14 +28,6 @@ class SlotTable:
         self._generation = [0] * capacity
         self._held = [False] * capacity
 
-    @property
-    def used(self) -> int:
-        return self.capacity - len(self._free)
-
-    @property
-    def available(self) -> int:
-        return len(self._free)
-
     def acquire(self) -> SlotLease | None:
         """Take a free slot (None when all are held)."""
         if not self._free:

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from core.engine.commands import MarkPlayed, StopTurn
 from core.engine.delivery import ChunkChannel
 from core.errors import StreamCancelled, TextTooLongError
 
@@ -55,26 +56,29 @@ class TurnStatus(enum.Enum):
     FAILED = "failed"  # error set (StreamFailed, EngineClosed, ContextOverflowError)
 
 
-class _EngineLink(Protocol):
-    """What a stream needs from the engine: a wake-up and a cancel request."""
+class _Inbox(Protocol):
+    """What a stream needs from the engine's inbox: a wake-up and a way to post its commands."""
 
-    def _wake(self) -> None: ...
+    def wake(self) -> None: ...
 
-    def _request_cancel(self, stream: TurnStream, played_s: float | None) -> None: ...
+    def stop_turn(self, turn_id: int, command: StopTurn) -> None: ...
+
+    def post(self, command: MarkPlayed, *, strict: bool = True) -> None: ...
 
 
 class TurnStream:
-    """One assistant turn: `push_text`/`end_text` in, `AudioChunk`s out, `cancel(played_s)`.
+    """One assistant turn: `push_text`/`end_text` in, `AudioChunk`s out; `stop()` ends it early
+    and `mark_played(played_s)` tells the engine what the listener heard (`cancel` does both).
 
-    Iteration ends normally after the final chunk; after `cancel()` it raises `StreamCancelled`
-    at once (no chunk is returned after a cancel); when the engine closes it raises
+    Iteration ends normally after the final chunk; after `stop()` it raises `StreamCancelled`
+    at once (no chunk is returned after a stop); when the engine closes it raises
     `EngineClosed`; when serving this stream failed it raises that error (`StreamFailed` with
     the original as `__cause__`, `ContextOverflowError`, or the retryable `CapacityError` when the
     KV pool could not hold the turn within `kv_wait_s`).
     """
 
-    def __init__(self, link: _EngineLink, turn_id: int, max_text_chars: int) -> None:
-        self._link = link
+    def __init__(self, inbox: _Inbox, turn_id: int, max_text_chars: int) -> None:
+        self._inbox = inbox
         self.turn_id = turn_id
         self._max_chars = max_text_chars
         self._lock = threading.Lock()
@@ -116,13 +120,13 @@ class TurnStream:
             self._chars += len(delta)
             self._deltas.append(delta)
             self._text_parts.append(delta)
-        self._link._wake()
+        self._inbox.wake()
 
     def end_text(self) -> None:
         """No more text: the turn pads until the model ends it (idempotent)."""
         with self._lock:
             self._text_ended = True
-        self._link._wake()
+        self._inbox.wake()
 
     @property
     def text(self) -> str:
@@ -142,25 +146,45 @@ class TurnStream:
             return text, self._text_ended
 
     # -- control -----------------------------------------------------------------------------
-    def cancel(self, played_s: float | None = None) -> None:
-        """Stop the turn; the conversation keeps what the listener heard.
+    def stop(self) -> None:
+        """Stop generating now (a queued turn never starts). The history keeps what was
+        delivered until `mark_played` says how much of it was heard. No chunk is returned by
+        iteration after this call."""
+        self._stop(None)
 
-        Valid while generating and after, for the conversation's last 8 finished turns (a reply
-        spoken as several turns is cut where playback stopped, its unplayed turns with 0).
-        `played_s` is how much of this turn's audio was played; None keeps everything generated.
-        No chunk is returned by iteration after this call.
+    def mark_played(self, played_s: float) -> None:
+        """The listener heard the first `played_s` seconds of this turn: the conversation keeps
+        that much (its frames and the words estimated as heard), now or when the turn ends.
+
+        Valid while the turn runs and after it, for the conversation's last
+        `EngineConfig.cuttable_turns` finished turns (a reply spoken as several turns is cut
+        where playback stopped, its unplayed turns with 0). It does not stop generation.
+
+        Raises:
+            ValueError: `played_s` is not a finite real number >= 0 (seconds); a bool, a string
+                or an int too large for a float included. Nothing is recorded then.
+        """
+        played = _check_played_s(played_s)
+        if played is None:
+            raise ValueError("played_s must be a finite number of seconds >= 0, got None")
+        self._inbox.post(MarkPlayed(self, played), strict=False)
+
+    def cancel(self, played_s: float | None = None) -> None:
+        """`stop()`, then `mark_played(played_s)` when given, as one command.
 
         Raises:
             ValueError: `played_s` is not None or a finite real number >= 0 (seconds); a bool,
                 a string or an int too large for a float included. Nothing is cancelled then.
         """
-        played_s = _check_played_s(played_s)
+        self._stop(_check_played_s(played_s))
+
+    def _stop(self, played_s: float | None) -> None:
         with self._lock:
             if self._status in (TurnStatus.QUEUED, TurnStatus.ACTIVE):
                 self._status = TurnStatus.CANCELLED
                 self._error = StreamCancelled(f"turn {self.turn_id} was cancelled")
         self._channel.abort(StreamCancelled(f"turn {self.turn_id} was cancelled"))
-        self._link._request_cancel(self, played_s)
+        self._inbox.stop_turn(self.turn_id, StopTurn(self, played_s))
 
     @property
     def status(self) -> TurnStatus:

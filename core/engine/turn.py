@@ -1,4 +1,4 @@
-"""ActiveTurn: the engine-thread state of one assistant turn between admission and its end.
+"""TurnState: the engine-thread state of one assistant turn between its start and its end.
 
 It turns the caller's text deltas into stable token ids, queues prompt rows for chunked
 prefill, builds one step row per frame (a text token, or `<|text_pad|>` only after end_text: a
@@ -8,71 +8,45 @@ the words estimated to have been spoken in them.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from core.engine.config import FRAME_S, EngineConfig
-from core.engine.scheduler import PlaybackClock, StreamDemand
+from core.engine.config import EngineConfig
+from core.engine.scheduler import ListenerClock, StreamDemand
 from core.engine.slots import SlotLease
 from core.engine.stream import AudioChunk, TurnStream
-from core.engine.words import TurnWords
-from core.prompt import PromptBuilder
+from core.history import ASSISTANT, HistoryTurn
+from core.prompt import DELAY, PromptBuilder
 from core.text import IncrementalTokenizer, TextNormalizer, encode_text
+from core.timings import FRAME_S, WordTimingEstimator
 
 if TYPE_CHECKING:
     from core.engine.runner import FrameAudio
 
-TEXT_LEAD = 12  # text tokens prefilled before the first frame (BOS on the last of them)
 
+class TurnState:
+    """One started turn: text in, rows to feed, frames and chunks out (engine thread only)."""
 
-class Phase(enum.Enum):
-    PREFILL = "prefill"  # prompt rows and/or the text lead still to prefill
-    DECODE = "decode"  # one frame per step
-    DONE = "done"
-
-
-@dataclass(frozen=True, slots=True)
-class HeardTurn:
-    """What the context keeps of an assistant turn: its text, ids and frames as heard."""
-
-    text: str
-    text_ids: list[int]
-    frames: Tensor  # Long[F, 16]
-
-
-class ActiveTurn:
-    """One admitted turn: text in, rows to feed, frames and chunks out (engine thread only)."""
-
-    def __init__(
-        self,
-        stream: TurnStream,
-        conv_id: int,
-        lease: SlotLease,
-        *,
-        builder: PromptBuilder,
-        tokenizer: object,
-        config: EngineConfig,
-        sample_rate: int,
-        now: float,
-    ) -> None:
+    def __init__(self, stream: TurnStream, conv_id: int, lease: SlotLease, *,
+                 builder: PromptBuilder, tokenizer: object, config: EngineConfig,
+                 sample_rate: int, now: float) -> None:
         self.stream, self.conv_id, self.lease = stream, conv_id, lease
         self.builder, self.tokenizer, self.config = builder, tokenizer, config
         self.sample_rate = sample_rate
-        self.phase = Phase.PREFILL
+        self.decoding = False  # a frame was sampled: one step row per tick from now on
+        self.done = False
         self.rows_pending: Tensor | None = None
         # (prefix key, history rows) while the voice prefix is being prefilled: nothing of
-        # this turn is scheduled until the worker forks the prefix and queues the history.
-        self.prefix_wait: tuple[object, Tensor] | None = None
+        # this turn is scheduled until the loop forks the prefix and queues the history.
+        self.prefix_wait: tuple[str | None, Tensor] | None = None
         self.lead_queued = False
         self.incremental = IncrementalTokenizer(tokenizer)
         # The text as the model reads it (invisible/control characters and lone surrogates
-        # dropped): what word timings and the context keep, and what decides `has_speech`.
+        # dropped): what word timings and the history keep, and what decides `has_speech`.
         self.normalizer = TextNormalizer()
         self.spoken: list[str] = []
         self.ids: deque[int] = deque()
@@ -83,17 +57,17 @@ class ActiveTurn:
         self._pcm: list[bytes] = []  # int16 PCM of the frames not yet in a chunk
         self._energy: list[float] = []  # and their RMS
         self.emitted_frames = 0
-        self.words = TurnWords(FRAME_S)
-        self.clock = PlaybackClock()
+        self.words = WordTimingEstimator(frame_s=FRAME_S)
+        self.clock = ListenerClock()
         self.starved = False
-        self.admitted_at = now
+        self.started_at = now
         self.text_at = now  # last time text (or end_text) arrived
         self.lead_ready_at: float | None = None
-        self.first_chunk_at: float | None = None
         self.underruns = 0  # not yet reported to the metrics
         self.sampler_started = False
         self.kv_blocks = 0  # most pool blocks its sequence may hold (kept free at admission)
         self.rebuild = False  # its history's KV had been evicted and is prefilled again
+        self.played_s: float | None = None  # what the listener heard, once told (mark_played)
 
     # -- text ---------------------------------------------------------------------------------
     def ingest_text(self, now: float) -> None:
@@ -109,16 +83,16 @@ class ActiveTurn:
             self._take_text(self.normalizer.flush())
             self.words.end_text()
             self.text_flushed = True
-        if self.phase is Phase.PREFILL and not self.lead_queued and self.has_speech:
-            if len(self.ids) >= TEXT_LEAD or (self.text_flushed and self.ids):
-                lead = [self.ids.popleft() for _ in range(min(TEXT_LEAD, len(self.ids)))]
+        if not self.decoding and not self.lead_queued and self.has_speech:
+            if len(self.ids) >= DELAY or (self.text_flushed and self.ids):
+                lead = [self.ids.popleft() for _ in range(min(DELAY, len(self.ids)))]
                 self.fed_ids.extend(lead)
                 self.queue_rows(self.builder.prefill_rows(lead))
                 self.lead_queued = True
                 self.lead_ready_at = now
 
     def _take_text(self, text: str) -> None:
-        """Normalised text for the words, the context and `has_speech` (the ids come from the
+        """Normalised text for the words, the history and `has_speech` (the ids come from the
         raw deltas: a second normaliser in front of the tokenizer would hold back one more
         character per delta, ~one LLM token of first-audio latency)."""
         if text:
@@ -130,14 +104,14 @@ class ActiveTurn:
         """True when only more text (or end_text) can make this turn progress."""
         if self.text_flushed:
             return False
-        if self.phase is Phase.PREFILL:
+        if not self.decoding:
             return not self.lead_queued and self.rows_pending is None
         return not self.ids
 
     @property
     def empty_text(self) -> bool:
         """The text ended with nothing to say (empty, or whitespace only): the turn ends at once
-        without audio and adds nothing to the context."""
+        without audio and adds nothing to the history."""
         return self.text_flushed and not self.lead_queued
 
     def queue_rows(self, rows: Tensor, *, front: bool = False) -> None:
@@ -152,16 +126,16 @@ class ActiveTurn:
 
     # -- scheduling ---------------------------------------------------------------------------
     def demand(self, sid: int, now: float) -> StreamDemand:
-        if self.phase is Phase.PREFILL:
+        if not self.decoding:
             if self.prefix_wait is not None:
-                return StreamDemand(sid, arrival=self.admitted_at)
+                return StreamDemand(sid, arrival=self.started_at)
             rows = 0 if self.rows_pending is None else int(self.rows_pending.shape[0])
             return StreamDemand(sid, prefill_rows=rows, prefill_samples=self.lead_queued and rows > 0,
-                                arrival=self.admitted_at)
+                                arrival=self.started_at)
         ready = bool(self.ids) or self.text_flushed
         self.starved = self.starved or not ready
         buffered = self.clock.buffered_s(now, self.pending_frames * FRAME_S)
-        return StreamDemand(sid, decode=ready, buffered_s=buffered, arrival=self.admitted_at)
+        return StreamDemand(sid, decode=ready, buffered_s=buffered, arrival=self.started_at)
 
     def take_prefill(self, n: int) -> Tensor:
         assert self.rows_pending is not None and 0 < n <= self.rows_pending.shape[0]
@@ -187,7 +161,7 @@ class ActiveTurn:
 
     def accept_frame(self, codes: Tensor, audio: FrameAudio | None) -> bool:
         """Record a sampled frame; False when it ends the turn (EOS or a special code)."""
-        self.phase = Phase.DECODE
+        self.decoding = True
         if audio is None:
             return False
         self.frames.append(codes)
@@ -215,20 +189,19 @@ class ActiveTurn:
         n = self.pending_frames
         start_s = self.emitted_frames * FRAME_S
         self.emitted_frames += n
-        words = self.words.add_frames(energies) if energies else []
+        words = self.words.push_frames(len(energies), energies) if energies else []
         if final:
-            words += self.words.finish()
+            words += self.words.end_audio()
         duration = len(pcm) / (2 * self.sample_rate)
         if duration > 0 and self.clock.deliver(now, duration, starved=self.starved):
             self.underruns += 1
         self.starved = False
-        if self.first_chunk_at is None:
-            self.first_chunk_at = now
         return AudioChunk(pcm, self.sample_rate, start_s, duration, words, final)
 
-    # -- what the context keeps ---------------------------------------------------------------
-    def heard(self, played_s: float | None) -> HeardTurn | None:
+    # -- what the history keeps ---------------------------------------------------------------
+    def heard(self, played_s: float | None) -> HistoryTurn | None:
         """The turn as the listener heard it (None: nothing was heard)."""
+        turn_id = self.stream.turn_id
         n = self.emitted_frames
         if played_s is not None and played_s < n * FRAME_S:
             n = int(math.floor(played_s / FRAME_S + 1e-6))
@@ -241,13 +214,13 @@ class ActiveTurn:
             # character whose bytes the last fed token only began.
             text = "".join(self.spoken) if not self.ids and self.text_flushed else (
                 self.tokenizer.decode(text_ids).rstrip("\ufffd"))  # type: ignore[attr-defined]
-            return HeardTurn(text, text_ids, frames)
+            return HistoryTurn(ASSISTANT, text, frames, text_ids, turn_id)
         text = self.words.heard_text(n * FRAME_S)
         text_ids = encode_text(self.tokenizer, text.rstrip()) if text.strip() else []
-        return HeardTurn(text.rstrip(), text_ids, frames)
+        return HistoryTurn(ASSISTANT, text.rstrip(), frames, text_ids, turn_id)
 
 
-def decode_rows(builder: PromptBuilder, turns: list[ActiveTurn],
+def decode_rows(builder: PromptBuilder, turns: list[TurnState],
                 text_ids: list[int | None]) -> tuple[Tensor, ...]:
     """This tick's decode rows, one [1, 17] view per turn: `PromptBuilder.step_row`'s layout
     ([text id, or text pad for None; the turn's previous frame]) built for every stream at once

@@ -20,8 +20,7 @@ from torch import Tensor
 from core.model.kv_cache import KVPool
 from core.model.moss import MossTTSRealtime
 from core.model.sampling import SamplerBatch, SamplingParams
-
-TEXT_LEAD = 12
+from core.prompt import DELAY
 
 
 class RowBuilder(Protocol):
@@ -69,7 +68,7 @@ def generate_turn(
     assert sampler.size == 1, "generate_turn drives exactly one conversation"
     sampler.new_turn(0)
     eos_code = model.config.audio_eos_code
-    lead = min(TEXT_LEAD, len(text_ids))
+    lead = min(DELAY, len(text_ids))
     rows = torch.cat(
         [prompt_rows.to(torch.long).cpu(), builder.prefill_rows(list(text_ids[:lead]))]
     )

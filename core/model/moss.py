@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from core.device import COMPUTE_DTYPES
 from core.errors import CheckpointError
 from core.hub import load_safetensors, read_json, resolve_pretrained
 from core.model.backbone import Backbone
@@ -21,8 +22,6 @@ from core.model.depth import Depth
 from core.model.kv_cache import KVPool
 from core.model.sampling import SamplerBatch
 from core.model.weights import DUPLICATE_TEXT_EMBED, official_to_ours, ours_to_official
-
-_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 class MossTTSRealtime(nn.Module):
@@ -54,7 +53,7 @@ class MossTTSRealtime(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
     ) -> MossTTSRealtime:
         """Load a local checkpoint directory or a hub id (honours HF_HUB_OFFLINE=1)."""
-        if dtype not in _DTYPES:
+        if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of float32/bfloat16/float16, got {dtype}")
         # Weights, config and every tokenizer file (tokenizer.json, vocab.json, merges.txt, ...),
         # so `load_tokenizer` works on the same snapshot.

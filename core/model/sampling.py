@@ -21,7 +21,6 @@ and a draw is some 40 small steps), keeping torch only where the bits depend on 
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 
@@ -31,38 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.model.noise import M32, frame_keys, gumbel, gumbel_host, vocab_hash
-
-MAX_REPETITION_WINDOW = 256  # frames of history a sampler slot keeps (upstream default: 50)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-conversation sampling settings (upstream defaults); temperature 0 = argmax."""
-
-    temperature: float = 0.8  # below MIN_TEMPERATURE: greedy (logits / T would overflow)
-    top_p: float = 0.6
-    top_k: int = 30  # 0 disables top-k
-    repetition_penalty: float = 1.1  # 1.0 disables the penalty
-    repetition_window: int = 50
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        window = self.repetition_window
-        if not isinstance(window, int) or not 1 <= window <= MAX_REPETITION_WINDOW:
-            raise ValueError(
-                f"repetition_window must be an int in [1, {MAX_REPETITION_WINDOW}], got {window!r}"
-            )
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
-
+from core.values import SamplingParams
 
 # The fast path keeps `max top_k + _TIE_MARGIN` candidates so that ties with the k-th value that
 # spill past top_k are still in hand; a row whose ties spill past the margin too falls back to the

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from pathlib import Path
 
 import torch
 
-from core import Engine, EngineConfig
+from core import Conversation, Engine, EngineConfig
 from core.codec import MossAudioCodec
+from core.engine.conv_state import ConvState
 from core.model import MossTTSRealtime
 from core.text import load_tokenizer
 
@@ -27,4 +30,20 @@ def build_engine(parts: Parts, model: MossTTSRealtime | None = None, **overrides
                kv_num_blocks=512, lead_s=None)
     cfg.update(overrides)
     base_model, codec, tok = parts
-    return Engine(model or base_model, codec, tok, config=EngineConfig(**cfg))
+    engine = Engine(model or base_model, codec, tok, config=EngineConfig(**cfg))
+    _engines[id(engine._inbox)] = engine
+    return engine
+
+
+_engines: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
+
+
+def state_of(conv: Conversation, limit_s: float = 5.0) -> ConvState:
+    """The engine thread's record of `conv` (history, KV cache, finished turns): engine
+    internals, read by tests that check exactness; waits for its open command to have run."""
+    engine = _engines[id(conv._inbox)]
+    deadline = time.monotonic() + limit_s
+    while (cs := engine._loop.convs.get(conv.conv_id)) is None:
+        assert time.monotonic() < deadline, "the conversation never reached the engine thread"
+        time.sleep(0.001)
+    return cs

@@ -1,4 +1,5 @@
-"""Conversation context: canonical rows, KV reuse by common prefix, trimming, voice change."""
+"""Conversation history and its KV cache: canonical rows, reuse by common prefix, trimming,
+voice change."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 import pytest
 import torch
 
-from core.conversation import ConversationContext, PrefixCache, common_prefix_len
+from core.engine.commands import TurnsView
+from core.engine.conv_state import ConvState
 from core.errors import ContextOverflowError
+from core.history import History, PrefixRows, common_prefix_len
 from core.model import ModelConfig
 from core.prompt import PromptBuilder, TokenIds
 from core.text import encode_text, load_tokenizer
-from core.voices import Voice
+from core.values import SamplingParams, Voice
 
 
 class FakePool:
@@ -34,6 +37,27 @@ class FakePool:
         self.freed.append(seq)
 
 
+class Ctx(History):
+    """A history with the engine thread's record of its KV cache beside it (`ConvState`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = ConvState(0, self, SamplingParams(seed=0), TurnsView(), cuttable_turns=8)
+
+    def sync_kv(self, pool, target: torch.Tensor) -> torch.Tensor:
+        return self.state.sync_kv(pool, target, None)
+
+    def kv_appended(self, rows: torch.Tensor) -> None:
+        self.state.kv.append(rows)
+
+    def kv_rows(self) -> torch.Tensor:
+        return self.state.kv_rows()
+
+    @property
+    def kv_len(self) -> int:
+        return self.state.kv.length
+
+
 @pytest.fixture(scope="module")
 def builder(tiny_dirs) -> PromptBuilder:
     model_dir, _ = tiny_dirs
@@ -51,12 +75,12 @@ def _frames(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 1024, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def _ctx(builder, voice=None, max_rows=32768, trim_target=0.75) -> ConversationContext:
-    return ConversationContext(builder, PrefixCache(builder), voice=voice, max_rows=max_rows,
-                               trim_target=trim_target)
+def _ctx(builder, voice=None, max_rows=32768, trim_target=0.75) -> Ctx:
+    return Ctx(builder, PrefixRows(builder), voice=voice, max_rows=max_rows,
+               trim_target=trim_target)
 
 
-def _feed(ctx: ConversationContext, pool: FakePool, target: torch.Tensor) -> torch.Tensor:
+def _feed(ctx: Ctx, pool: FakePool, target: torch.Tensor) -> torch.Tensor:
     """Simulate the engine: prefill what sync_kv asks for."""
     rows = ctx.sync_kv(pool, target)
     if rows.shape[0]:
@@ -211,7 +235,7 @@ def test_voice_change_keeps_only_the_system_block(builder):
 
 def test_prefix_rows_are_built_once_per_voice(builder):
     """The system+voice prefix is shared by every conversation with that voice."""
-    cache = PrefixCache(builder)
+    cache = PrefixRows(builder)
     v = _voice(10, 5)
     assert cache.rows(v) is cache.rows(Voice(codes=v.codes.clone(), key=v.key, duration_s=0.8))
     assert cache.rows(None).shape[0] == builder.system_rows().shape[0]

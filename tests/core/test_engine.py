@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from engine_kit import build_engine, load_parts
+from engine_kit import build_engine, load_parts, state_of
 
 from core import (
     AdmissionError,
@@ -21,7 +21,7 @@ from core import (
     StreamFailed,
     TextTooLongError,
 )
-from core.engine.gate import Gate
+from core.engine.inbox import Inbox
 from core.engine.stream import TurnStatus
 from core.text import IncrementalTokenizer, normalize_text
 
@@ -57,7 +57,7 @@ async def wait_until(pred, limit_s=10.0):
 
 def frames_of(conv, index=-1) -> torch.Tensor:
     """The codes the context recorded for a turn (engine internals, for exactness checks)."""
-    return conv.context.turns[index].codes
+    return state_of(conv).history.turns[index].codes
 
 
 async def test_one_turn_streams_chunks_with_words(parts):
@@ -169,7 +169,7 @@ async def test_second_turn_prefills_only_new_rows_and_equals_from_scratch(parts)
         assert s1.prefilled_rows > s2.prefilled_rows
 
         fresh = engine.conversation(sampling=greedy)
-        fresh.context.turns = [copy.copy(t) for t in conv.context.turns[:-1]]
+        state_of(fresh).history.turns = [copy.copy(t) for t in state_of(conv).history.turns[:-1]]
         s3, _ = await speak(fresh, "Nice to meet you too.")
         assert s3.prefilled_rows > s2.prefilled_rows  # the whole history
         assert torch.equal(frames_of(fresh), frames_of(conv))
@@ -307,7 +307,7 @@ async def test_context_overflow_trims_and_keeps_serving(parts):
             await conv.add_user_turn(text=f"Question {i}?")
             s, chunks = await speak(conv, f"Answer {i}.")
             assert s.error is None and chunks
-        assert conv.context.trims >= 1
+        assert state_of(conv).history.trims >= 1
         assert conv.turns[-1].text == "Answer 4." and len(conv.turns) < 10
         await conv.add_user_turn(text="long " * 300)
         s = conv.speak()
@@ -358,13 +358,13 @@ async def test_admission_errors_are_immediate(parts):
 def test_closing_a_conversation_frees_exactly_one_place():
     """Prevents a conversation closed twice (or from two threads at once) from freeing two
     places, which let more than max_conversations in."""
-    gate = Gate(max_streams=2, max_conversations=2, max_turns_per_conversation=8)
-    a, _b = gate.open_conversation(), gate.open_conversation()
+    inbox = Inbox(max_streams=2, max_conversations=2, max_turns_per_conversation=8)
+    a, _b = inbox.open_conversation(), inbox.open_conversation()
     for _ in range(3):
-        gate.close_conversation(a, lambda: None)
-    gate.open_conversation()
+        inbox.close_conversation(a)
+    inbox.open_conversation()
     with pytest.raises(AdmissionError):
-        gate.open_conversation()
+        inbox.open_conversation()
 
 
 async def test_text_starvation_pauses_without_padding(parts):
@@ -382,7 +382,7 @@ async def test_text_starvation_pauses_without_padding(parts):
         await asyncio.sleep(0.3)  # observation window: nothing may be generated without text
         assert stream.frames <= expected
         pad = engine.builder.ids.text_pad
-        assert not bool((conv.context.kv_rows()[:, 0] == pad).any())
+        assert not bool((state_of(conv).kv_rows()[:, 0] == pad).any())
         stream.push_text("fifteen.")
         stream.end_text()
         chunks = [c async for c in stream]
@@ -480,12 +480,12 @@ async def test_a_failing_stream_fails_alone(parts, monkeypatch, where):
         expected = frames_of(clean)
         good = engine.conversation(sampling=SamplingParams(seed=21))
         bad = engine.conversation(sampling=SamplingParams(seed=22))
-        worker = engine._worker
+        loop = engine._loop
 
         def bad_in(seq_ids=None, slots=None) -> bool:
-            cs = worker.convs.get(bad.conv_id)
+            cs = loop.convs.get(bad.conv_id)
             if seq_ids is not None:
-                return bad.context.seq_id in seq_ids
+                return cs is not None and cs.seq_id in seq_ids
             return cs is not None and cs.active is not None and cs.active.lease.index in slots
 
         if where == "backbone":  # fails before any state changed
@@ -577,12 +577,12 @@ async def test_voice_and_user_audio_go_into_the_context(parts):
         await conv.add_user_turn(text="Can you hear me?", audio=user, sample_rate=16000)
         assert conv.turns[0].frames == 12  # 1 s at 16 kHz -> 12 whole 80 ms frames
         _, chunks = await speak(conv, "Yes, I can.")
-        rows = conv.context.kv_rows()
+        rows = state_of(conv).kv_rows()
         voice_rows = rows[rows[:, 0] == engine.builder.ids.audio_pad_text][:, 1:]
         assert torch.equal(voice_rows, voice.codes)
         conv.set_voice(None)  # applies from the next turn: the voice block leaves the context
         _, chunks = await speak(conv, "Now without it.")
-        rows = conv.context.kv_rows()
+        rows = state_of(conv).kv_rows()
         assert not bool((rows[:, 0] == engine.builder.ids.audio_pad_text).any())
     finally:
         engine.close()
@@ -599,7 +599,7 @@ async def test_full_kv_pool_evicts_idle_conversations_and_rebuilds_them(parts):
         for conv in convs:
             s, chunks = await speak(conv, "Hello there friend.")
             assert s.error is None and chunks
-        assert convs[0].context.seq_id is None  # evicted while idle
+        assert state_of(convs[0]).seq_id is None  # evicted while idle
         s, chunks = await speak(convs[0], "Back again.")
         assert s.error is None and chunks
         assert s.prefilled_rows > 200  # the whole history was prefilled again
@@ -734,12 +734,12 @@ async def test_a_failed_turn_keeps_the_audio_it_delivered(parts, monkeypatch):
         assert conv.turns[-1].role == "assistant" and conv.turns[-1].frames == delivered
         assert torch.equal(frames_of(conv), reference[:delivered])
         assert LONG_TEXT.startswith(conv.turns[-1].text) and conv.turns[-1].text
-        history = conv.context.history_rows()  # the failed turn is in the canonical rows ...
+        history = state_of(conv).history.rows()  # the failed turn is in the canonical rows ...
         _, chunks = await speak(conv, "Sorry, go on.")
         assert chunks
-        kv_rows = conv.context.kv_rows()  # ... and in the next turn's prompt
+        kv_rows = state_of(conv).kv_rows()  # ... and in the next turn's prompt
         assert torch.equal(kv_rows[: history.shape[0]], history)
-        failed = engine._worker.convs[conv.conv_id].finished[0].stream
+        failed = state_of(conv).finished[0].stream
         assert failed.status is TurnStatus.FAILED
         failed.cancel(played_s=0.16)  # the listener heard only 2 frames of it
         await wait_until(lambda: conv.turns[0].frames == 2)
@@ -768,10 +768,10 @@ async def test_a_closed_conversation_is_freed_while_the_engine_idles(parts):
     try:
         conv = engine.conversation(sampling=SamplingParams(seed=1))
         await speak(conv, "Hello there.")
-        context = weakref.ref(conv.context)
+        context = weakref.ref(state_of(conv).history)
         conv_id = conv.conv_id
         conv.close()
-        await wait_until(lambda: conv_id not in engine._worker.convs)
+        await wait_until(lambda: conv_id not in engine._loop.convs)
         await asyncio.sleep(0.1)  # the engine is idle now, waiting for work
         del conv
         gc.collect()

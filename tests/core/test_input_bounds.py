@@ -20,6 +20,7 @@ import core.audio
 from core import EngineConfig, InvalidAudioError, SamplingParams
 from core.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, read_audio, resample
 from core.codec import MossAudioCodec
+from core.engine.commands import MarkPlayed, StopTurn
 from core.engine.stream import TurnStatus, TurnStream
 from core.model import MossTTSRealtime
 from core.text import load_tokenizer
@@ -138,16 +139,19 @@ def test_resampling_an_odd_rate_has_a_bounded_filter(monkeypatch):
 # -- 2. played_s ------------------------------------------------------------------------------
 
 class _Link:
-    """A stand-in engine for a bare TurnStream: records cancel requests."""
+    """A stand-in engine inbox for a bare TurnStream: records the played_s it is handed."""
 
     def __init__(self) -> None:
         self.cancels: list[float | None] = []
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         pass
 
-    def _request_cancel(self, stream: TurnStream, played_s: float | None) -> None:
-        self.cancels.append(played_s)
+    def stop_turn(self, turn_id: int, command: StopTurn) -> None:
+        self.cancels.append(command.played_s)
+
+    def post(self, command: MarkPlayed, *, strict: bool = True) -> None:
+        self.cancels.append(command.played_s)
 
 
 @pytest.mark.parametrize(

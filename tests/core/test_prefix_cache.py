@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from engine_kit import build_engine, load_parts
+from engine_kit import build_engine, load_parts, state_of
 
 from core import Engine, SamplingParams
 from core.engine.stream import TurnStatus
@@ -52,7 +52,7 @@ async def run_dialogues(engine: Engine, v: Voice, seeds: list[int]):
     second = await asyncio.gather(*(speak(c, "Then we talk again.") for c in convs))
     out = []
     for conv, (s1, _), (s2, _) in zip(convs, first, second, strict=True):
-        codes = [t.codes for t in conv.context.turns if t.role == "assistant"]
+        codes = [t.codes for t in state_of(conv).history.turns if t.role == "assistant"]
         out.append((codes, torch.stack(logits[s1.turn_id]), torch.stack(logits[s2.turn_id]),
                     s1.prefilled_rows))
     return out
@@ -98,7 +98,7 @@ async def test_each_voice_gets_its_own_prefix(parts):
         assert engine.stats().prefix_prefills == 3
 
         def voice_codes(conv) -> torch.Tensor:
-            rows = conv.context.kv_rows()
+            rows = state_of(conv).kv_rows()
             return rows[rows[:, 0] == engine.builder.ids.audio_pad_text][:, 1:]
 
         assert torch.equal(voice_codes(a), va.codes) and torch.equal(voice_codes(b), vb.codes)
@@ -124,7 +124,7 @@ async def test_small_pool_evicts_prefixes_and_conversations_and_serves_everyone(
                  for i in range(5)]
         for conv in convs:
             await speak(conv, "Hello there friend.")
-        assert len(engine._worker.prefix_kv) <= 2  # LRU over voices
+        assert len(engine._loop.prefixes) <= 2  # LRU over voices
         for conv in convs[:3]:  # the oldest were evicted; their next turn rebuilds them
             _, chunks = await speak(conv, "Back again.")
             assert chunks and [t.text for t in conv.turns][-1] == "Back again."
@@ -144,13 +144,13 @@ async def test_a_turn_cancelled_while_its_prefix_builds_leaves_the_cache_usable(
     that voice wait on forever: the build goes on and later conversations fork it."""
     v = voice(20, 7)
     engine = make_engine(parts, prefill_chunk=16)  # the prefix takes many ticks
-    worker, real = engine._worker, engine.model.forward_rows
+    loop, real = engine._loop, engine.model.forward_rows
     conv = engine.conversation(voice=v, sampling=SamplingParams(seed=1))
     stream = conv.speak()
     chunks_in_build = []
 
     def cancel_mid_build(rows, seq_ids, kv, **kw):  # engine thread: cancel after 1st chunk
-        building = {e.seq_id for e in worker.prefix_kv.building()}
+        building = {e.seq.seq_id for e in loop.prefixes.building()}
         if building & set(seq_ids):
             chunks_in_build.append(len(seq_ids))
             if len(chunks_in_build) == 1:
@@ -187,14 +187,14 @@ async def test_a_failing_prefix_prefill_falls_back_to_per_conversation_prefill(p
     finally:
         reference.close()
     engine = make_engine(parts, prefill_chunk=16)  # the prefix takes several ticks to build
-    worker, real = engine._worker, engine.model.forward_rows
+    loop, real = engine._loop, engine.model.forward_rows
     faults = []
 
     def faulty(rows, seq_ids, kv, **kw):
         # Fail the prefix once both turns wait for it (the second turn may be admitted a tick
         # after the first; one admitted after the failure would rightly build it anew).
-        prefixes = {e.seq_id for e in worker.prefix_kv._entries.values()}
-        if not faults and prefixes & set(seq_ids) and len(worker.active) == 2:
+        prefixes = {e.seq.seq_id for e in loop.prefixes.entries()}
+        if not faults and prefixes & set(seq_ids) and len(loop.active) == 2:
             faults.append(seq_ids)
             raise RuntimeError("injected fault")
         return real(rows, seq_ids, kv, **kw)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.engine.scheduler import PlaybackClock, PrefillChunk, StreamDemand, plan_step
+from core.engine.scheduler import ListenerClock, PrefillChunk, StreamDemand, plan_step
 
 FRAME = 0.08
 
@@ -87,7 +87,7 @@ def test_a_full_frame_budget_defers_new_first_frames_behind_starving_streams():
 
 def test_playback_clock_detects_underruns_but_not_text_starvation():
     """An underrun means the listener heard a gap the engine caused, not a slow LLM."""
-    clock = PlaybackClock()
+    clock = ListenerClock()
     assert not clock.deliver(0.0, 0.08)
     assert clock.buffered_s(0.05) == pytest.approx(0.03)
     assert not clock.deliver(0.07, 0.24)  # arrives before the first chunk finished
@@ -98,7 +98,7 @@ def test_playback_clock_detects_underruns_but_not_text_starvation():
 
 def _simulate(n_streams, max_batch, tick_s, lead_s, seconds):
     """Synthetic clock: each tick costs `tick_s`; every produced frame is delivered at once."""
-    clocks = [PlaybackClock() for _ in range(n_streams)]
+    clocks = [ListenerClock() for _ in range(n_streams)]
     frames = [0] * n_streams
     underruns, now = 0, 0.0
     max_ahead = 0.0

@@ -153,6 +153,29 @@ def test_cache_encodes_a_file_once(codec: MossAudioCodec, tmp_path: Path) -> Non
     assert encoder.load(str(path)) is first and encoder.encodes == 2
 
 
+def test_an_unchanged_voice_file_is_not_read_again(
+    codec: MossAudioCodec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prevents every turn of every room re-reading and re-hashing its voice file (the plugins
+    load their voice setting per turn and keep no cache of their own); an edited file is new."""
+    import os
+
+    from core import voices
+
+    path = tmp_path / "v.wav"
+    path.write_bytes(_wav_bytes(_speechish(1.2, 24000, seed=3), 24000))
+    hashed: list[object] = []
+    real = voices.content_key
+    monkeypatch.setattr(voices, "content_key", lambda s, r: hashed.append(s) or real(s, r))
+    encoder = VoiceEncoder(codec)
+    first = encoder.load(path)
+    assert encoder.load(path) is first and encoder.load(str(path)) is first
+    assert len(hashed) == 1
+    path.write_bytes(_wav_bytes(_speechish(1.2, 24000, seed=4), 24000))
+    os.utime(path, ns=(1, 1))  # another size or time: a changed file is read again
+    assert encoder.load(path).key != first.key and len(hashed) == 2
+
+
 def test_user_audio_is_lenient(codec: MossAudioCodec) -> None:
     """Short user utterances encode (no prompt policy); empty gives zero frames; NaN still fails."""
     encoder = VoiceEncoder(codec)

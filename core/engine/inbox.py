@@ -1,25 +1,20 @@
-"""The engine's front door, shared by caller threads and the engine thread.
+"""The engine's inbox: admission counts and the command queue, under one lock.
 
-Everything a caller does goes through here under one lock: admission counts (open
-conversations, conversations with a turn queued or speaking), the command queue the engine
-thread drains each tick, and the wake-up event. Admission is decided here at call time, so a
+Callers (any thread) are admitted here and post typed commands (`core.engine.commands`); the
+engine thread takes them all at the start of each tick. Admission is decided at call time, so a
 full engine refuses at once instead of queueing work it cannot start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
+from core.engine.commands import CloseConversation, Command
 from core.errors import AdmissionError, EngineClosed
 
-Command = Callable[[], None]
 
-
-class Gate:
+class Inbox:
     """Lock-protected admission state, command queue and wake-up event."""
 
     def __init__(
@@ -40,10 +35,6 @@ class Gate:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineClosed("the engine was closed")
-
     # -- caller side --------------------------------------------------------------------------
     def post(self, command: Command, *, strict: bool = True) -> None:
         """Queue a command for the engine thread (EngineClosed when closed and `strict`)."""
@@ -60,17 +51,19 @@ class Gate:
 
         Raises:
             AdmissionError: `max_conversations` are already open.
+            EngineClosed: the engine was closed.
         """
         with self._lock:
-            self._check_open()
+            if self._closed:
+                raise EngineClosed("the engine was closed")
             if len(self._open_convs) >= self.max_conversations:
                 raise AdmissionError(f"max_conversations={self.max_conversations} already open")
             self._next_id += 1
             self._open_convs.add(self._next_id)
             return self._next_id
 
-    def close_conversation(self, conv_id: int, command: Command) -> None:
-        """Free the conversation's place at once; its drop runs before any later command.
+    def close_conversation(self, conv_id: int) -> None:
+        """Free the conversation's place at once; its close runs before any later command.
         Idempotent, from any number of threads."""
         with self._lock:
             if conv_id not in self._open_convs:
@@ -80,7 +73,7 @@ class Gate:
                 return
             for turn_id in [t for t, c in self._admitted.items() if c == conv_id]:
                 self._release(turn_id)
-            self._commands.append(command)
+            self._commands.append(CloseConversation(conv_id))
         self._wakeup.set()
 
     def admit_turn(self, conv_id: int) -> int:
@@ -89,9 +82,11 @@ class Gate:
         Raises:
             AdmissionError: `max_streams` other conversations are already speaking, or this one
                 already has `max_turns` turns speaking or queued.
+            EngineClosed: the engine was closed.
         """
         with self._lock:
-            self._check_open()
+            if self._closed:
+                raise EngineClosed("the engine was closed")
             busy = self._outstanding.get(conv_id, 0)
             if busy == 0 and len(self._outstanding) >= self.max_streams:
                 raise AdmissionError(f"max_streams={self.max_streams} turns already speaking")
@@ -103,9 +98,9 @@ class Gate:
             self._admitted[self._next_id] = conv_id
             return self._next_id
 
-    def cancel_turn(self, turn_id: int, command: Command) -> None:
-        """Release the turn's admission and queue its cancel atomically, so the cancel runs
-        before any turn admitted in its place (which then finds the slot free)."""
+    def stop_turn(self, turn_id: int, command: Command) -> None:
+        """Release the turn's admission and queue its stop atomically, so the stop runs before
+        any turn admitted in its place (which then finds the slot free)."""
         with self._lock:
             if self._closed:
                 return
@@ -153,37 +148,3 @@ class Gate:
         with self._lock:
             commands, self._commands = list(self._commands), deque()
             return commands, self._closed
-
-
-class Job:
-    """Work for the engine thread whose result an asyncio caller awaits in its own loop."""
-
-    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
-        self.fn, self.loop = fn, loop
-        self.fut: asyncio.Future[Any] = loop.create_future()
-
-    def __call__(self) -> None:
-        try:
-            result, error = self.fn(), None
-        except Exception as exc:
-            result, error = None, exc
-        self._resolve(result, error)
-
-    def fail(self, error: BaseException) -> None:
-        self._resolve(None, error)
-
-    def _resolve(self, result: Any, error: BaseException | None) -> None:
-        fut = self.fut
-
-        def resolve() -> None:
-            if fut.done():
-                return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(resolve)
-        except RuntimeError:  # the caller's loop is gone
-            pass

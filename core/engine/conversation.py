@@ -1,0 +1,178 @@
+"""Conversation: the caller's handle on one room or call, a thin object over engine commands.
+
+Each `speak()` sends one request that carries everything the turn needs: the user turns before
+it, the voice and the sampling (both apply from that turn on). The engine runs a conversation's
+requests in the order they were made, so a caller never has to serialise them itself. The
+history lives on the engine thread (`core.history.History`); `turns` is its latest snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from core.audio import inspect_audio
+from core.engine.commands import AddUserTurn, PendingUser, Reply, Speak
+from core.engine.stream import TurnStream
+from core.errors import EngineClosed, TextTooLongError
+from core.values import SamplingParams, UserTurn, Voice
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from core.engine.commands import TurnsView
+    from core.engine.config import EngineConfig
+    from core.engine.inbox import Inbox
+    from core.history import TurnView
+
+UNCHANGED: Any = object()  # `speak(voice=...)` not given: the conversation keeps its voice
+
+EncodeUser = Callable[[Any, "int | None"], "Future[Tensor]"]
+
+
+class Conversation:
+    """One room or call: a voice, sampling settings and the dialogue so far.
+
+    Create with `engine.conversation(voice=..., sampling=...)`. Methods may be called from any
+    thread and any asyncio loop.
+    """
+
+    def __init__(self, inbox: Inbox, conv_id: int, view: TurnsView, *, voice: Voice | None,
+                 sampling: SamplingParams, config: EngineConfig, encode_user: EncodeUser) -> None:
+        self._inbox, self.conv_id, self._view = inbox, conv_id, view
+        self._voice, self._sampling = voice, sampling
+        self._config, self._encode_user = config, encode_user
+        self.closed = False
+
+    @property
+    def voice(self) -> Voice | None:
+        """The voice of the next turn."""
+        return self._voice
+
+    def set_voice(self, voice: Voice | None) -> None:
+        """Change the voice from the next turn on (the history is prefilled again after the
+        system block)."""
+        if voice is not None and not isinstance(voice, Voice):
+            raise TypeError(f"voice must be a Voice or None, got {voice!r}")
+        self._voice = voice
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The sampling of the next turn (its seed is the conversation's random stream)."""
+        return self._sampling
+
+    def set_sampling(self, sampling: SamplingParams) -> None:
+        """Change the sampling from the next turn on. A `seed` of None keeps the conversation's
+        random stream going; a seed restarts it there."""
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=self._sampling.seed)
+        self._sampling = sampling
+
+    @property
+    def turns(self) -> tuple[TurnView, ...]:
+        """The turns in the history now (the oldest may have been trimmed)."""
+        return self._view.turns
+
+    def speak(
+        self,
+        *,
+        user: UserTurn | Sequence[UserTurn] = (),
+        voice: Voice | None = UNCHANGED,
+        sampling: SamplingParams | None = None,
+    ) -> TurnStream:
+        """Start an assistant turn (queued behind this conversation's earlier requests).
+
+        `user`: what the user said since the last turn, added first (speech is encoded on the
+        engine's encoder thread). `voice` / `sampling`: as `set_voice` / `set_sampling`, from
+        this turn on.
+
+        Raises:
+            AdmissionError: `max_streams` conversations are already speaking, or this one has
+                `max_turns_per_conversation` turns queued.
+            EngineClosed: the engine or this conversation was closed.
+            TypeError, ValueError, TextTooLongError, InvalidAudioError: a user turn that cannot
+                be used (nothing is queued then).
+        """
+        users = (user,) if isinstance(user, UserTurn) else tuple(user)
+        for u in users:
+            self._check_user(u)
+        if voice is not UNCHANGED:
+            self.set_voice(voice)
+        if sampling is not None:
+            self.set_sampling(sampling)
+        self._check_open()
+        stream = TurnStream(self._inbox, self._inbox.admit_turn(self.conv_id),
+                            self._config.max_text_chars)
+        try:
+            pending = tuple(self._pending(u) for u in users)
+            self._inbox.post(Speak(self.conv_id, stream, self._voice, self._sampling, pending))
+        except BaseException:
+            self._inbox.release_turn(stream.turn_id)
+            raise
+        return stream
+
+    async def add_user_turn(
+        self, text: str = "", audio: Any = None, sample_rate: int | None = None
+    ) -> None:
+        """Add what the user said: text, and their speech when given (int16 bytes or an array
+        with `sample_rate`, or an audio file), encoded on the engine's encoder thread.
+
+        The turn goes after the requests already queued on this conversation, so this returns
+        once the active assistant turn (if any) has ended and the user turn is in the history.
+        `speak(user=...)` does the same without a wait of its own.
+
+        Raises:
+            ValueError: neither text nor audio (InvalidAudioError for unusable audio).
+            TextTooLongError: more than `max_text_chars` characters.
+        """
+        user = UserTurn(text, audio, sample_rate)
+        self._check_user(user)
+        self._check_open()
+        reply = Reply(asyncio.get_running_loop())
+        self._inbox.post(AddUserTurn(self.conv_id, self._pending(user), reply))
+        await reply.fut
+
+    def close(self) -> None:
+        """Cancel this conversation's turns and free its cache (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._inbox.close_conversation(self.conv_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Conversation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosed("this conversation was closed")
+
+    def _check_user(self, user: UserTurn) -> None:
+        """What can be refused without decoding, refused here (rate, type, shape, length)."""
+        if not isinstance(user, UserTurn):
+            raise TypeError(f"user turns must be UserTurn, got {user!r}")
+        text, cfg = user.text, self._config
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        if len(text) > cfg.max_text_chars:
+            raise TextTooLongError(f"user text has {len(text)} characters, max_text_chars="
+                                   f"{cfg.max_text_chars}")
+        if user.audio is None and not text.strip():
+            raise ValueError("a user turn needs text or audio")
+        if user.audio is not None:
+            inspect_audio(user.audio, user.sample_rate, max_seconds=cfg.max_user_audio_s,
+                          limit="max_user_audio_s")
+
+    def _pending(self, user: UserTurn) -> PendingUser:
+        codes = None if user.audio is None else self._encode_user(user.audio, user.sample_rate)
+        return PendingUser(user.text, codes)
