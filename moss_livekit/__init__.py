@@ -27,25 +27,21 @@ from .engine import (
 )
 from .errors import MossTTSError
 from .log import logger
-from .tts import TTS, ChunkedStream, SynthesizeStream
+from .tts import TTS
 
-__all__ = [
+__all__ = [  # what an agent calls; the stream classes come from `TTS.stream()`/`synthesize()`
     "TTS",
-    "SynthesizeStream",
-    "ChunkedStream",
     "MossTTSError",
-    "MossPlugin",
+    "prewarm",
+    "load_fnc",
     "shared_engine",
     "register_engine",
     "close_shared_engines",
-    "WeightsDownloadError",
-    "prewarm",
-    "load_fnc",
     "engine_occupancy",
-    "DEFAULT_MODEL",
-    "DEFAULT_CODEC",
     "USERDATA_KEY",
     "RECOMMENDED_INITIALIZE_TIMEOUT_S",
+    "DEFAULT_MODEL",
+    "DEFAULT_CODEC",
     "__version__",
 ]
 

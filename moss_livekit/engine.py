@@ -17,11 +17,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from livekit.agents._exceptions import CLIError  # the one error LiveKit's CLI prints plainly
-
 from core import Engine, EngineConfig
 from core.device import resolve_device
 
+from .compat import CLIError  # the one error LiveKit's CLI prints plainly (a private class)
 from .log import logger
 
 if TYPE_CHECKING:

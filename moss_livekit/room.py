@@ -17,22 +17,22 @@ audio was heard, so this module learns both from the session and keeps the engin
   probe (the adapter synthesizes, in the background, the reply another TTS is playing and throws
   the audio away) is never credited with that playback and is cut to nothing when it finishes.
   The position may arrive before or after LiveKit cancels the stream; both orders work because
-  the engine accepts `cancel(played_s)` on its recent finished turns too. A reply in
+  the engine's `mark_played` applies when a running turn ends, or at once to its recent
+  finished turns (the stream's cancel only `stop()`s the engine turn). A reply in
   several segments (`FlushSentinel`) is one engine turn per segment, each cut by its own
   `playback_finished`, in order.
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from livekit.agents.voice.io import AudioOutput, PlaybackFinishedEvent
 
-from core import Engine, SamplingParams, Voice
-from core.errors import EngineClosed
+from core import Engine, SamplingParams, UserTurn, Voice
+from core.errors import AdmissionError, EngineClosed
 
 from .log import logger
 from .user_audio import UserAudioTap
@@ -41,52 +41,6 @@ if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
 
     from core import Conversation, TurnStream
-
-
-def current_speech() -> tuple[AgentSession | None, SpeechHandle | None]:
-    """The session and speech a stream is created for, when created inside a session's reply.
-
-    LiveKit runs each reply in a task that carries its activity and speech handle in context
-    variables (private in 1.8.9, hence the guarded import); a stream opened outside a session
-    (direct use, tests) gets (None, None) and keeps its own conversation.
-    """
-    try:
-        from livekit.agents.voice.agent_activity import (
-            _AgentActivityContextVar,
-            _SpeechHandleContextVar,
-        )
-    except ImportError:  # pragma: no cover - a future LiveKit moved them
-        return None, None
-    activity = _AgentActivityContextVar.get(None)
-    speech = _SpeechHandleContextVar.get(None)
-    session = activity.session if activity is not None else None
-    return session, speech
-
-
-_FALLBACK_MODULE = "livekit.agents.tts.fallback_adapter"
-
-
-def in_fallback_probe() -> bool:
-    """Whether the running task is a `tts.FallbackAdapter` recovery probe.
-
-    After a TTS of a FallbackAdapter failed, the adapter re-checks it in the background: it
-    synthesizes the text of a reply that another TTS is playing and discards the audio (its
-    `_try_recovery`). LiveKit marks such a stream with nothing public; the probe runs in a task of
-    its own whose coroutine is the adapter's private `_recover_tts_task` (livekit-agents 1.8.9,
-    `tts/fallback_adapter.py`, for both `FallbackSynthesizeStream` and `FallbackChunkedStream`),
-    which is what this checks. A stream the adapter serves runs in the adapter stream's own task
-    and is not matched. If LiveKit renames it, probes are treated like served streams again.
-    """
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running loop
-        return False
-    coro = task.get_coro() if task is not None else None
-    code = getattr(coro, "cr_code", None)
-    frame = getattr(coro, "cr_frame", None)
-    if code is None or frame is None or code.co_name != "_recover_tts_task":
-        return False
-    return frame.f_globals.get("__name__") == _FALLBACK_MODULE
 
 
 @dataclass(slots=True)
@@ -100,7 +54,7 @@ class TurnRecord:
     running: bool = True  # the stream's `_run` still owns the turn
     cancelled: bool = False  # the stream was cancelled (interruption, discard, aclose)
     played_s: float | None = None  # playback position reported by the audio output
-    resolved: bool = False  # the engine got its final `cancel(played_s)` or the turn stays whole
+    resolved: bool = False  # the engine got its `mark_played(played_s)` or the turn stays whole
 
 
 @dataclass(slots=True)
@@ -133,10 +87,8 @@ class RoomContext:
         self._capture_user_audio = capture_user_audio
         self._tap: UserAudioTap | None = None
         self._conv: Conversation | None = None
-        self._voice_key: str | None = None
-        self._sampling: SamplingParams | None = None
-        self._lock = asyncio.Lock()  # one turn is prepared at a time (voice, user turns, speak)
         self._records: list[TurnRecord] = []
+        self._unsent: list[UserTurn] = []  # user turns of a request the engine refused
         self._seen_user_ids: set[str] = set()
         self._transcripts: list[str] = []  # final transcripts not yet part of a user turn
         self._provisional = ""  # user text added from transcripts before it was committed
@@ -237,7 +189,7 @@ class RoomContext:
 
     # ---- turn preparation -----------------------------------------------------------------
 
-    async def open_turn(
+    def open_turn(
         self,
         voice: Voice | None,
         sampling: SamplingParams | None,
@@ -253,39 +205,29 @@ class RoomContext:
         Raises what the engine raises (`AdmissionError`, `EngineClosed`, `TextTooLongError` for
         a user turn); the caller enters `record.turn` and reports back with `stream_finished`.
         """
-        async with self._lock:
-            if self._closed:
-                raise EngineClosed("this TTS was closed (aclose) or its session ended")
-            self._follow_audio_output()
-            self._settle_finished()
-            conv = self._ensure_conversation(voice, sampling)
-            self._follow_audio_input()
-            for user in self._new_user_turns():
-                await conv.add_user_turn(
-                    text=user.text, audio=user.audio, sample_rate=user.sample_rate
-                )
-            record = TurnRecord(turn=conv.speak(), speech=speech, forwarded=forwarded)
-            self._records.append(record)
-            if speech is not None:
-                speech.add_done_callback(self._on_speech_done)
-            return record
-
-    def _ensure_conversation(
-        self, voice: Voice | None, sampling: SamplingParams | None
-    ) -> Conversation:
-        key = voice.key if voice is not None else None
+        if self._closed:
+            raise EngineClosed("this TTS was closed (aclose) or its session ended")
+        self._follow_audio_output()
+        self._settle_finished()
         if self._conv is None:
             self._conv = self._engine.conversation(voice=voice, sampling=sampling)
-        else:
-            if key != self._voice_key:
-                self._conv.set_voice(voice)  # applies from this turn on (engine semantics)
-            if sampling != self._sampling:  # None: back to the engine defaults
-                new = sampling or SamplingParams()
-                seed = new.seed if new.seed is not None else self._conv.sampling.seed
-                # read by the engine when the turn starts; the conversation's seed continues
-                self._conv.sampling = replace(new, seed=seed)
-        self._voice_key, self._sampling = key, sampling
-        return self._conv
+        self._follow_audio_input()
+        users = self._unsent + [UserTurn(u.text, u.audio, u.sample_rate)
+                                for u in self._new_user_turns()]
+        # One request: the engine adds the user turns, then speaks with this voice and sampling
+        # (None: the engine defaults; the conversation's random stream continues either way).
+        # A refused request (engine full) keeps its user turns for the next one.
+        try:
+            turn = self._conv.speak(user=users, voice=voice, sampling=sampling or SamplingParams())
+        except AdmissionError:
+            self._unsent = users
+            raise
+        self._unsent = []
+        record = TurnRecord(turn=turn, speech=speech, forwarded=forwarded)
+        self._records.append(record)
+        if speech is not None:
+            speech.add_done_callback(self._on_speech_done)
+        return record
 
     def _new_user_turns(self) -> list[_UserTurn]:
         """User messages committed since the last turn, else the final transcripts (preemptive)."""
@@ -398,7 +340,7 @@ class RoomContext:
         record.resolved = True
         logger.debug("turn heard up to %.2fs of %.2fs", played_s, record.emitted_s)
         try:
-            record.turn.cancel(played_s=played_s)
+            record.turn.mark_played(played_s)
         except Exception:  # the engine may have moved on (closed, the turn long gone)
             logger.warning("could not truncate a turn to %.2fs", played_s, exc_info=True)
 

@@ -9,7 +9,6 @@ timings become `TimedString`s for LiveKit's transcript synchronizer. The convers
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -27,12 +26,14 @@ from livekit.agents.types import (
 from livekit.agents.voice.io import TimedString
 
 from core import Conversation, Engine, EngineConfig, SamplingParams, Voice
+from core.audio import check_voice_file
 from core.languages import check_language
 
+from . import compat
 from .engine import DEFAULT_CODEC, DEFAULT_MODEL, shared_engine
 from .errors import to_api_error
 from .log import logger
-from .room import RoomContext, TurnRecord, current_speech, in_fallback_probe
+from .room import RoomContext, TurnRecord
 
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
@@ -113,7 +114,6 @@ class TTS(tts.TTS):
             frame_size_ms=frame_size_ms,
             language=check_language(language),
         )
-        self._voices: dict[Any, Voice] = {}
         self._rooms: weakref.WeakKeyDictionary[AgentSession, RoomContext] = (
             weakref.WeakKeyDictionary()
         )
@@ -225,13 +225,12 @@ class TTS(tts.TTS):
         return self._engine
 
     async def _get_voice(self, engine: Engine, source: VoiceSource | None) -> Voice | None:
+        """The engine's voice for the setting (the engine caches it: files by path, size and
+        time, other audio by content)."""
         if source is None or isinstance(source, Voice):
             return source
-        key = _voice_key(source)
-        if key not in self._voices:
-            rate = SAMPLE_RATE if isinstance(source, np.ndarray) else None  # arrays: 24 kHz
-            self._voices[key] = await engine.load_voice(source, sample_rate=rate)
-        return self._voices[key]
+        rate = SAMPLE_RATE if isinstance(source, np.ndarray) else None  # arrays: 24 kHz
+        return await engine.load_voice(source, sample_rate=rate)
 
     def _room_for(self, session: AgentSession | None, engine: Engine) -> RoomContext:
         if session is None:
@@ -248,8 +247,7 @@ class TTS(tts.TTS):
 
 def _check_voice(voice: Any) -> VoiceSource | None:
     """Fail at configuration time, not at the first reply of a live call."""
-    if isinstance(voice, (str, Path)) and not Path(voice).expanduser().is_file():
-        raise ValueError(f"voice file not found: {voice}")
+    check_voice_file(voice)  # InvalidAudioError, a ValueError
     if voice is None or isinstance(voice, (Voice, str, Path, bytes, np.ndarray)):
         return voice
     raise TypeError(f"voice must be a Voice, a path, bytes, an array or None, got {voice!r}")
@@ -259,14 +257,6 @@ def _check_sampling(sampling: Any) -> SamplingParams | None:
     if sampling is None or isinstance(sampling, SamplingParams):
         return sampling
     raise TypeError(f"sampling must be a SamplingParams or None, got {sampling!r}")
-
-
-def _voice_key(source: VoiceSource) -> Any:
-    if isinstance(source, (str, Path)):
-        return ("path", str(Path(source).expanduser().resolve()))
-    if isinstance(source, bytes):
-        return ("bytes", hashlib.sha1(source).hexdigest())
-    return ("array", hashlib.sha1(np.ascontiguousarray(source).tobytes()).hexdigest())
 
 
 @dataclass(slots=True)
@@ -296,14 +286,14 @@ async def _speak(
         engine = await job.tts._get_engine()
         voice = await job.tts._get_voice(engine, job.opts.voice)
         room = job.tts._room_for(job.session, engine)
-        record = await room.open_turn(
+        record = room.open_turn(
             voice, job.opts.sampling, job.speech, forwarded=not job.probe
         )
     except Exception as exc:
         raise to_api_error(exc, request_id=job.request_id) from exc
     failed = True
     try:
-        async with record.turn:  # leaving early (cancel, error) cancels the engine turn
+        async with record.turn:  # leaving early (cancel, error) stops the engine turn
             feeder = asyncio.create_task(_feed(record, first, deltas, mark_started))
             try:
                 await _pump_audio(job, record, feeder, emitter)
@@ -312,7 +302,7 @@ async def _speak(
             finally:
                 await utils.aio.cancel_and_wait(feeder)
                 if failed and not record.resolved:
-                    record.turn.cancel()  # stop the GPU now; what was heard is settled later
+                    record.turn.stop()  # stop the GPU now; what was heard is settled later
     except Exception as exc:
         raise to_api_error(exc, request_id=job.request_id) from exc
     finally:
@@ -339,7 +329,7 @@ async def _feed(
         turn.end_text()
     except Exception:
         if not record.resolved:  # never undo a cut to the played position
-            turn.cancel()  # ends the audio loop, so this error surfaces from `await feeder`
+            turn.stop()  # ends the audio loop, so this error surfaces from `await feeder`
         raise
 
 
@@ -372,7 +362,7 @@ async def _pump_audio(
 
 
 def _new_job(tts_: TTS, conn_options: APIConnectOptions) -> _TurnJob:
-    session, speech = current_speech()
+    session, speech = compat.current_speech()
     return _TurnJob(
         tts=tts_,
         opts=replace(tts_._opts),
@@ -380,7 +370,7 @@ def _new_job(tts_: TTS, conn_options: APIConnectOptions) -> _TurnJob:
         speech=speech,
         timeout_s=conn_options.timeout,
         request_id=utils.shortuuid(),
-        probe=in_fallback_probe(),  # read here: the stream is created inside the probe's task
+        probe=compat.in_fallback_probe(),  # read here: a probe's stream is created in its task
     )
 
 
@@ -409,16 +399,10 @@ class SynthesizeStream(tts.SynthesizeStream):
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         job = _start_attempt(self._job, output_emitter, stream=True)
         output_emitter.start_segment(segment_id=job.request_id)
-        await _speak(job, self._deltas(), output_emitter, self._mark_started)
+        # one segment per stream (LiveKit deprecated more): the first flush ends the turn's text
+        deltas = compat.text_until_flush(self)
+        await _speak(job, deltas, output_emitter, lambda: compat.mark_started(self))
         output_emitter.end_segment()
-
-    async def _deltas(self) -> AsyncIterator[str]:
-        # LiveKit 1.8 has one segment per stream: the first flush ends this turn's text
-        async for data in self._input_ch:
-            if isinstance(data, self._FlushSentinel):
-                return
-            if data:
-                yield data
 
 
 class ChunkedStream(tts.ChunkedStream):
@@ -430,7 +414,7 @@ class ChunkedStream(tts.ChunkedStream):
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         job = _start_attempt(self._job, output_emitter, stream=False)
-        await _speak(job, _once(self._input_text), output_emitter, lambda: None)
+        await _speak(job, _once(self.input_text), output_emitter, lambda: None)
 
 
 async def _once(text: str) -> AsyncIterator[str]:

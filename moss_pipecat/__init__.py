@@ -2,15 +2,6 @@
 
 from core import __version__
 from moss_pipecat.tts import MossTTSService, MossTTSSettings
-from moss_pipecat.turns import MossUserTurnCapture, PlayoutClock
+from moss_pipecat.turns import MossUserTurnCapture
 
-Settings = MossTTSSettings
-
-__all__ = [
-    "MossTTSService",
-    "MossTTSSettings",
-    "MossUserTurnCapture",
-    "PlayoutClock",
-    "Settings",
-    "__version__",
-]
+__all__ = ["MossTTSService", "MossTTSSettings", "MossUserTurnCapture", "__version__"]

@@ -8,19 +8,17 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from core import SamplingParams, TurnStream
+from core import TurnStream
 from core.errors import MossError, TextTooLongError
 
 
 @dataclass(eq=False)
 class EngineTurn:
-    """One audio context = one engine turn; text may arrive before the stream is open."""
+    """One audio context = one engine turn; text pushed while no stream is open (the engine
+    refused the turn) is kept here and dropped with it."""
 
     context_id: str
     seq: int  # order of the reply among this call's replies
-    previous: EngineTurn | None
-    voice: str | None  # the voice setting this turn speaks with
-    sampling: SamplingParams
     max_chars: int  # the engine's per-turn text limit
     pending: list[str] = field(default_factory=list)
     text: str = ""

@@ -11,13 +11,13 @@ decoded audio (resampled to the pipeline rate) and estimated word times to the c
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import inspect
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from loguru import logger
 from pipecat.audio.resamplers.base_audio_resampler import BaseAudioResampler
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
@@ -27,11 +27,13 @@ from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InterruptionFrame,
+    MetricsFrame,
     OutputAudioRawFrame,
     StartFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
 )
+from pipecat.metrics.metrics import TTSUsageMetricsData
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TextAggregationMode, TTSService
@@ -40,13 +42,18 @@ from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from core import Conversation, Engine, EngineConfig, SamplingParams, Voice, WordTiming
-from core.errors import MossError, StreamCancelled
+from core.audio import check_voice_file
+from core.errors import AdmissionError, MossError, StreamCancelled
 from core.languages import check_language
+from moss_pipecat import compat  # checks the Pipecat internals used here, at import
 from moss_pipecat.engine_turn import EngineTurn, is_cjk
 from moss_pipecat.turns import PlayoutClock, UserTurnQueue, fade_out
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
-_CUTTABLE_TURNS = 4  # finished replies kept for a late cut (the engine keeps 8 per conversation)
+# Pipecat closes an audio context after this long without audio, unless told otherwise.
+_STOP_FRAME_TIMEOUT_S = getattr(
+    inspect.signature(TTSService.__init__).parameters.get("stop_frame_timeout_s"), "default", 3.0
+)
 
 
 @dataclass
@@ -135,8 +142,7 @@ class MossTTSService(TTSService):
             store.apply_update(settings)
         store.language = check_language(store.language)  # an unspoken language fails here
         _sampling_from(store)  # bad values fail here, at construction
-        if not _voice_file_ok(store.voice):
-            raise ValueError(f"voice file not found: {store.voice}")
+        check_voice_file(store.voice)  # InvalidAudioError, a ValueError
         super().__init__(
             text_aggregation_mode=text_aggregation_mode,
             push_text_frames=False,
@@ -145,14 +151,15 @@ class MossTTSService(TTSService):
             settings=store,
             **kwargs,
         )
+        self._token_mode = text_aggregation_mode == TextAggregationMode.TOKEN
+        self._context_timeout_s = float(kwargs.get("stop_frame_timeout_s", _STOP_FRAME_TIMEOUT_S))
         self._owns_engine = engine is None
         if engine is None:
             engine = Engine.from_pretrained(model, codec, device=device, config=engine_config)
         self._engine: Engine = engine
         self._conv: Conversation | None = None
         self._conv_closed = False
-        self._conv_lock = asyncio.Lock()
-        self._applied: tuple[str | None, SamplingParams | None] = (None, None)
+        self._voice: Voice | None = None  # the loaded voice setting (loaded when it is set)
         self._turns: dict[str, EngineTurn] = {}
         self._latest: EngineTurn | None = None
         self._users = UserTurnQueue()
@@ -190,7 +197,9 @@ class MossTTSService(TTSService):
         if self._moss_keepalive is None:
             self._moss_keepalive = self.create_task(self._keepalive(), "moss_keepalive")
         try:
-            await self._prepare_conversation()
+            if self._conv is None:
+                self._voice = await self._load_voice(self._settings.voice)
+            self._open_conversation()
         except (MossError, ValueError, OSError) as e:
             await self.push_error(error_msg=f"{self}: cannot open conversation: {e}", exception=e)
 
@@ -225,14 +234,14 @@ class MossTTSService(TTSService):
         turn = self._turns.get(context_id)
         if turn is None or (turn.ended and not turn.truncated):
             turn = self._open_turn(context_id)
-        if not self._is_streaming_tokens and turn.text and not turn.text[-1].isspace():
+        if not self._token_mode and turn.text and not turn.text[-1].isspace():
             # sentences arrive without the space between them (none between CJK sentences)
             if not (is_cjk(turn.text[-1]) or is_cjk(text.lstrip()[:1])):
                 text = " " + text.lstrip()
         await self.start_tts_usage_metrics(text)
         try:
             turn.push(text)
-            if context_id != self._turn_context_id:
+            if context_id != compat.turn_context_id(self):
                 # A bare TextFrame outside any LLM response or TTSSpeakFrame: nothing will end
                 # its text, and the engine speaks one turn per conversation at a time, so an
                 # open turn would hold every later reply until the engine's text timeout.
@@ -260,6 +269,8 @@ class MossTTSService(TTSService):
             played = self._interrupt_played.get(context_id, self._playout.played_s(context_id))
             await self._cancel_turn(turn, played)
         await super().on_audio_context_interrupted(context_id)
+
+    # Overrides of Pipecat internals (checked at import, see `compat.INTERNALS`) ----------
 
     async def _record_context_audio_outcome(self, context_id: str, received_audio: bool) -> None:
         """A reply that failed with our own error (engine full, bad voice) is not a silent
@@ -337,6 +348,7 @@ class MossTTSService(TTSService):
         except ValueError:
             return None
 
+    # Pipecat's documented override point for settings updates (see `compat.INTERNALS`)
     async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
         """Validate (rolling back bad sampling values); turns opened from now on use the result.
 
@@ -352,9 +364,18 @@ class MossTTSService(TTSService):
         previous = {name: getattr(self._settings, name) for name in (*_SAMPLING_FIELDS, "voice")}
         changed = await super()._update_settings(delta)
         voice = self._settings.voice
-        if "voice" in changed and not _voice_file_ok(voice):
-            self._settings.voice = previous["voice"]
-            await self.push_error(error_msg=f"{self}: voice file not found: {voice}")
+        if "voice" in changed:
+            try:
+                check_voice_file(voice)
+            except ValueError as e:
+                self._settings.voice = previous["voice"]
+                await self.push_error(error_msg=f"{self}: {e}")
+            else:  # loaded now, so the next reply opens without waiting for it
+                loaded = await self._load_voice(voice)
+                if loaded is None and voice is not None:  # unusable (reported): keep the old
+                    self._settings.voice = previous["voice"]
+                else:
+                    self._voice = loaded
         if changed.keys() & set(_SAMPLING_FIELDS):
             try:
                 _sampling_from(self._settings)
@@ -362,7 +383,8 @@ class MossTTSService(TTSService):
                 for name in _SAMPLING_FIELDS:
                     setattr(self._settings, name, previous[name])
                 await self.push_error(error_msg=f"{self}: bad sampling settings: {e}", exception=e)
-        self._warn_unhandled_updated_settings(changed.keys() & {"model"})
+        if "model" in changed:  # one model per engine: a service cannot switch it
+            logger.warning(f"{self.name}: runtime update of [model] is not currently supported")
         return changed
 
     # ----- user turns (fed by MossUserTurnCapture) -----------------------------------------
@@ -381,44 +403,45 @@ class MossTTSService(TTSService):
         await super().on_turn_context_created(context_id)
         self._users.reply_started(context_id)
 
-    async def _commit_user_turn(self, conv: Conversation, seq: int) -> None:
-        user = self._users.take(seq)
-        if user is None:
-            return
-        try:
-            await conv.add_user_turn(text=user.text, audio=user.audio, sample_rate=user.rate)
-        except (MossError, ValueError) as e:
-            await self.push_error(error_msg=f"{self}: user turn dropped: {e}", exception=e)
-
     # ----- engine turns --------------------------------------------------------------------
 
     def _open_turn(self, context_id: str) -> EngineTurn:
+        """One request to the engine: the user turns staged before this reply, the voice and
+        the sampling as set now (later changes wait for the next reply). The engine queues it
+        behind the call's earlier replies, so nothing here waits for them."""
         turn = EngineTurn(
             context_id=context_id,
             seq=self._users.reply_seq(context_id),
-            previous=self._latest,
-            voice=self._settings.voice,
-            sampling=_sampling_from(self._settings),
             max_chars=self._engine.config.max_text_chars,
         )
         self._turns[context_id] = turn
         self._latest = turn
-        turn.task = self.create_task(self._run_turn(turn), f"moss_turn_{context_id[:8]}")
+        error: Exception | None = None
+        user = self._users.take(turn.seq)
+        try:
+            stream = self._open_conversation().speak(
+                user=() if user is None else user, voice=self._voice,
+                sampling=_sampling_from(self._settings))
+        except Exception as e:  # reported by the turn's task, as any failure of the turn
+            error = e
+            if user is not None and isinstance(e, AdmissionError):  # engine full: what the
+                # user said still goes before the next reply
+                self._users.put_back(turn.seq, user)
+        else:
+            turn.attach(stream)
+            self._settle_older_turns(turn)
+        turn.task = self.create_task(self._run_turn(turn, error), f"moss_turn_{context_id[:8]}")
         return turn
 
-    async def _run_turn(self, turn: EngineTurn) -> None:
-        """Open the engine turn after the previous one, then deliver its audio as decoded."""
+    async def _run_turn(self, turn: EngineTurn, error: Exception | None) -> None:
+        """Deliver the turn's audio as it is decoded (or report why it could not open)."""
         ctx = turn.context_id
         resampler = create_stream_resampler(clear_after_secs=None)
         try:
-            if turn.previous is not None:
-                await turn.previous.done.wait()
-                turn.previous = None  # let finished turns be collected
-            conv = await self._prepare_conversation(turn)
-            await self._commit_user_turn(conv, turn.seq)
-            async with conv.speak() as stream:
-                turn.attach(stream)
-                self._settle_older_turns(turn)
+            if error is not None:
+                raise error
+            assert turn.stream is not None
+            async with turn.stream as stream:
                 async for chunk in stream:
                     await self._deliver(ctx, chunk.pcm, chunk.sample_rate, chunk.words, resampler)
             tail = await resampler.flush()
@@ -462,9 +485,10 @@ class MossTTSService(TTSService):
         can cut only its last few finished turns, so at most that many are kept."""
         finished = [(ctx, t) for ctx, t in self._turns.items()
                     if t is not current and t.done.is_set()]
+        cuttable = self._engine.config.cuttable_turns
         for i, (ctx, _) in enumerate(finished):
             heard_all = self._playout.played_s(ctx) >= self._playout.pushed_s(ctx) - 1e-3
-            if heard_all or i < len(finished) - _CUTTABLE_TURNS:
+            if heard_all or i < len(finished) - cuttable:
                 del self._turns[ctx]
 
     async def _cancel_turn(self, turn: EngineTurn, played_s: float) -> None:
@@ -475,52 +499,36 @@ class MossTTSService(TTSService):
 
     async def _report_interrupted_usage(self) -> None:
         """In TOKEN mode the base class reports usage at the end of the reply and loses it on
-        interruption (pipecat #5611); report the interrupted reply's characters here."""
-        if not self._is_streaming_tokens:
+        interruption (pipecat #5611); report the interrupted reply's characters here, as the
+        metrics frame `FrameProcessor.start_tts_usage_metrics` pushes (the base class's own
+        override skips per-call usage in TOKEN mode)."""
+        if not (self._token_mode and self.can_generate_metrics() and self.usage_metrics_enabled):
             return
+        model = self._settings.model if isinstance(self._settings.model, str) else ""
         for turn in self._turns.values():
             if not turn.ended and turn.text:
-                await super(TTSService, self).start_tts_usage_metrics(turn.text)
+                usage = TTSUsageMetricsData(processor=self.name, model=model, value=len(turn.text))
+                await self.push_frame(MetricsFrame(data=[usage]))
 
     async def _keepalive(self) -> None:
         """Keep contexts of unfinished turns open while the LLM pauses (e.g. tool calls)."""
-        interval = max(0.05, min(1.0, self._stop_frame_timeout_s / 3))
+        interval = max(0.05, min(1.0, self._context_timeout_s / 3))
         while True:
             await asyncio.sleep(interval)
             for ctx, turn in list(self._turns.items()):
                 if not turn.done.is_set() and self.audio_context_available(ctx):
-                    self._refresh_audio_context(ctx)
+                    compat.refresh_audio_context(self, ctx)
 
     # ----- conversation --------------------------------------------------------------------
 
-    async def _prepare_conversation(self, turn: EngineTurn | None = None) -> Conversation:
-        """Open the conversation once; before a turn, apply the voice / sampling it was opened
-        with (settings changed after a turn was opened wait for the next one)."""
-        voice = self._settings.voice if turn is None else turn.voice
-        sampling = _sampling_from(self._settings) if turn is None else turn.sampling
-        async with self._conv_lock:
-            if self._conv_closed:
-                raise MossError(f"{self} was stopped; its conversation is closed")
-            if self._conv is None:
-                self._conv = self._engine.conversation(
-                    voice=await self._load_voice(voice), sampling=sampling
-                )
-                self._applied = (voice, sampling)
-                return self._conv
-            if voice != self._applied[0]:
-                loaded = await self._load_voice(voice)
-                if loaded is None and voice is not None:  # unusable (reported): keep the old one
-                    voice = self._applied[0]
-                    self._settings.voice = voice
-                else:
-                    self._conv.set_voice(loaded)
-            if sampling != self._applied[1]:
-                applied = sampling
-                if sampling.seed is None:  # keep the conversation's own random stream
-                    applied = dataclasses.replace(sampling, seed=self._conv.sampling.seed)
-                self._conv.sampling = applied  # read by the engine when the next turn starts
-            self._applied = (voice, sampling)
-            return self._conv
+    def _open_conversation(self) -> Conversation:
+        """The call's conversation, opened once (at `StartFrame`, or by the first reply)."""
+        if self._conv_closed:
+            raise MossError(f"{self} was stopped; its conversation is closed")
+        if self._conv is None:
+            self._conv = self._engine.conversation(
+                voice=self._voice, sampling=_sampling_from(self._settings))
+        return self._conv
 
     async def _load_voice(self, voice: str | None) -> Voice | None:
         """The engine voice for a settings value; a file that cannot be used is reported and the
@@ -544,11 +552,6 @@ class MossTTSService(TTSService):
         if self._conv is not None and not self._conv_closed:
             self._conv_closed = True  # the object stays readable (history) after the call
             await self._conv.aclose()
-
-
-def _voice_file_ok(voice: Any) -> bool:
-    """A voice setting is None (no voice prompt) or an existing file."""
-    return voice is None or Path(str(voice)).is_file()
 
 
 def _sampling_from(settings: MossTTSSettings) -> SamplingParams:

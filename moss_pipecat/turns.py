@@ -42,6 +42,10 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from core.audio import int16_to_float
+from core.speech_capture import MAX_SPEECH_S, PRE_ROLL_S, SpeechCapture
+from core.values import UserTurn
+
 if TYPE_CHECKING:
     from moss_pipecat.tts import MossTTSService
 
@@ -191,15 +195,6 @@ def fade_out(samples: np.ndarray, pad_to: int) -> bytes:
 
 
 @dataclass(slots=True)
-class UserTurn:
-    """What the user said (and optionally how) before one reply."""
-
-    text: str
-    audio: np.ndarray | None  # float32 mono
-    rate: int | None
-
-
-@dataclass(slots=True)
 class _Staged:
     texts: list[str] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)
@@ -248,13 +243,19 @@ class UserTurnQueue:
         self._reply_seq = {r: s for r, s in self._reply_seq.items() if s > seq}
         return seq
 
+    def put_back(self, seq: int, user: UserTurn) -> None:
+        """A reply's request was refused (engine full): its user turn goes before the next."""
+        audio = [] if user.audio is None else [np.asarray(user.audio, dtype=np.float32)]
+        staged = _Staged([user.text] if user.text else [], audio, user.sample_rate or 0)
+        self._bound.insert(0, (seq, staged))
+
     def take(self, seq: int) -> UserTurn | None:
         """The user turns bound to replies up to `seq`, merged (no reply was spoken between)."""
         ready = [user for s, user in self._bound if s <= seq]
         self._bound = [(s, user) for s, user in self._bound if s > seq]
         if not ready:
             return None
-        rate = ready[-1].rate
+        rate = next((user.rate for user in reversed(ready) if user.audio), 0)  # newest speech's
         chunks = [a for user in ready for a in user.audio if user.rate == rate]
         audio = np.concatenate(chunks) if chunks else None
         text = " ".join(t for user in ready for t in user.texts)
@@ -283,8 +284,8 @@ class MossUserTurnCapture(FrameProcessor):
         tts: MossTTSService,
         *,
         capture_audio: bool = False,
-        pre_roll_s: float = 0.3,
-        max_audio_s: float = 30.0,
+        pre_roll_s: float = PRE_ROLL_S,
+        max_audio_s: float = MAX_SPEECH_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -292,13 +293,7 @@ class MossUserTurnCapture(FrameProcessor):
             raise ValueError("pre_roll_s must be >= 0 and max_audio_s > 0")
         self._tts = tts
         self._capture_audio = capture_audio
-        self._pre_roll_s = pre_roll_s
-        self._max_audio_s = max_audio_s
-        self._speaking = False
-        self._pre_roll: deque[InputAudioRawFrame] = deque()
-        self._recorded: list[bytes] = []
-        self._recorded_n = 0  # samples
-        self._audio_rate = 0
+        self._speech = SpeechCapture(pre_roll_s=pre_roll_s, max_s=max_audio_s, keep="first")
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Record transcripts and speech; pass every frame on."""
@@ -306,50 +301,12 @@ class MossUserTurnCapture(FrameProcessor):
         if isinstance(frame, TranscriptionFrame) and frame.text.strip():
             self._tts.stage_user_text(frame.text)
         elif isinstance(frame, InputAudioRawFrame) and self._capture_audio:
-            self._on_audio(frame)
+            self._speech.feed(frame.audio, frame.sample_rate, frame.num_channels)
         elif isinstance(frame, (UserStartedSpeakingFrame, VADUserStartedSpeakingFrame)):
-            self._on_started()
+            self._speech.start()
         elif isinstance(frame, (UserStoppedSpeakingFrame, VADUserStoppedSpeakingFrame)):
-            self._on_stopped()
+            self._speech.stop()
+            speech = self._speech.take()
+            if speech is not None:
+                self._tts.stage_user_audio(int16_to_float(speech[0]), speech[1])
         await self.push_frame(frame, direction)
-
-    def _on_started(self) -> None:
-        if self._speaking or not self._capture_audio:
-            self._speaking = True
-            return
-        self._speaking = True
-        for frame in self._pre_roll:
-            self._record(frame)
-        self._pre_roll.clear()
-
-    def _on_stopped(self) -> None:
-        if not self._speaking:
-            return
-        self._speaking = False
-        if self._recorded:
-            pcm = np.frombuffer(b"".join(self._recorded), dtype=np.int16)
-            self._tts.stage_user_audio(pcm.astype(np.float32) / 32768.0, self._audio_rate)
-        self._recorded, self._recorded_n = [], 0
-
-    def _on_audio(self, frame: InputAudioRawFrame) -> None:
-        if frame.num_channels != 1:
-            samples = np.frombuffer(frame.audio, dtype=np.int16).reshape(-1, frame.num_channels)
-            frame = InputAudioRawFrame(
-                samples.mean(axis=1).astype(np.int16).tobytes(), frame.sample_rate, 1
-            )
-        if self._speaking:
-            self._record(frame)
-            return
-        self._pre_roll.append(frame)
-        limit = round(self._pre_roll_s * frame.sample_rate)  # in samples: no float drift
-        kept = sum(f.num_frames for f in self._pre_roll)
-        while self._pre_roll and kept - self._pre_roll[0].num_frames >= limit:
-            kept -= self._pre_roll.popleft().num_frames
-
-    def _record(self, frame: InputAudioRawFrame) -> None:
-        if self._audio_rate and frame.sample_rate != self._audio_rate:
-            self._recorded, self._recorded_n = [], 0  # rate changed mid-call: restart cleanly
-        self._audio_rate = frame.sample_rate
-        if self._recorded_n + frame.num_frames <= round(self._max_audio_s * frame.sample_rate):
-            self._recorded.append(frame.audio)
-            self._recorded_n += frame.num_frames

@@ -25,7 +25,7 @@ from lk_kit import (
     wait_until,
 )
 
-from core import Conversation
+from core import Conversation, UserTurn
 from moss_livekit import TTS
 from moss_livekit.user_audio import UserAudioTap
 
@@ -252,14 +252,15 @@ def _session(plugin: TTS, replies: list[str], sentences: list[str], *,  # noqa: 
 def user_turns(monkeypatch):  # noqa: ANN001, ANN201
     """Every user turn handed to an engine conversation: (text, int16 samples or None)."""
     seen: list[tuple[str, np.ndarray | None]] = []
-    original = Conversation.add_user_turn
+    original = Conversation.speak
 
-    async def add_user_turn(self, text="", audio=None, sample_rate=None):  # noqa: ANN001, ANN202
-        pcm = None if audio is None else np.asarray(audio, dtype=np.int16).copy()
-        seen.append((text, pcm))
-        await original(self, text, audio, sample_rate)
+    def speak(self, *, user=(), **kwargs):  # noqa: ANN001, ANN202 - the user turns of a request
+        for turn in (user,) if isinstance(user, UserTurn) else user:
+            pcm = None if turn.audio is None else np.asarray(turn.audio, dtype=np.int16).copy()
+            seen.append((turn.text, pcm))
+        return original(self, user=user, **kwargs)
 
-    monkeypatch.setattr(Conversation, "add_user_turn", add_user_turn)
+    monkeypatch.setattr(Conversation, "speak", speak)
     return seen
 
 

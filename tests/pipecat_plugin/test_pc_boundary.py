@@ -254,7 +254,7 @@ async def test_unexpected_engine_failure_is_an_error_frame(engine, monkeypatch) 
     await run_test(tts, frames_to_send=llm_turn("Warm", " up."))  # opens the conversation
     conv_cls = type(tts.conversation)
 
-    def broken(self):
+    def broken(self, **request):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(conv_cls, "speak", broken)

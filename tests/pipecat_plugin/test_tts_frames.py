@@ -147,11 +147,10 @@ async def test_settings_update_applies_from_next_turn(engine, tmp_path, monkeypa
     _write_voice(voice)
     calls: list[str] = []
     conv_cls = type(engine.conversation())
-    speak, set_voice = conv_cls.speak, conv_cls.set_voice
-    monkeypatch.setattr(conv_cls, "speak", lambda self: calls.append("speak") or speak(self))
-    monkeypatch.setattr(
-        conv_cls, "set_voice", lambda self, v: calls.append(f"voice:{v is not None}") or set_voice(self, v)
-    )
+    speak = conv_cls.speak
+    monkeypatch.setattr(  # each reply's request carries its voice
+        conv_cls, "speak",
+        lambda self, **kw: calls.append(f"voice:{kw.get('voice') is not None}") or speak(self, **kw))
     tts = MossTTSService(engine=engine)
     delta = MossTTSService.Settings(voice=str(voice), temperature=0.3, top_k=5, seed=7)
     bad = MossTTSService.Settings(top_p=1.5)
@@ -168,7 +167,7 @@ async def test_settings_update_applies_from_next_turn(engine, tmp_path, monkeypa
     assert tts._settings.voice == str(voice) and tts._settings.temperature == 0.3
     assert tts._settings.top_p != 1.5, "invalid value rolled back"
     assert any("top_p" in f.error for f in up if isinstance(f, ErrorFrame))
-    assert calls == ["speak", "voice:True", "speak"], "voice changes between the turns"
+    assert calls == ["voice:False", "voice:True"], "voice changes between the turns"
     assert tts.conversation.voice is not None
     assert tts.conversation.sampling.temperature == 0.3 and tts.conversation.sampling.seed == 7
 

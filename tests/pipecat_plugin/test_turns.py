@@ -142,9 +142,25 @@ def test_user_turns_of_an_unspoken_reply_merge_into_the_next() -> None:
     q.reply_started("spoken")
     user = q.take(q.reply_seq("spoken"))
     assert user.text == "Hello? Are you there?"
-    assert user.rate == 16000 and len(user.audio) == 2400
+    assert user.sample_rate == 16000 and len(user.audio) == 2400
     with pytest.raises(ValueError, match="sample_rate"):
         q.add_audio(np.ones(10, dtype=np.float32), 0)
+
+
+def test_a_refused_replys_user_turn_goes_before_the_next_reply() -> None:
+    """Prevents what the user said being lost when the engine refused the reply it came with
+    (engine full): it is given back and sent, in order, with the next reply."""
+    q = UserTurnQueue()
+    q.add_text("First question.")
+    q.add_audio(np.ones(1600, dtype=np.float32), 16000)
+    q.reply_started("refused")
+    refused = q.take(q.reply_seq("refused"))
+    q.put_back(1, refused)
+    q.add_text("Second question.")
+    q.reply_started("next")
+    user = q.take(q.reply_seq("next"))
+    assert user.text == "First question. Second question."
+    assert user.sample_rate == 16000 and len(user.audio) == 1600
 
 
 class _StagingStub:
