@@ -64,7 +64,7 @@ demo: install
 # plugins -> engine -> model/codec -> helpers, and no framework import in the core.
 lint: install
 	$(PY) -m ruff check core moss_pipecat moss_livekit examples tests benchmarks
-	$(VENV)/bin/lint-imports --config pyproject.toml
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/model_step.py

@@ -21,51 +21,22 @@ created for; the `speech_created` event says a speech exists, not which stream b
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import types
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from livekit.agents import _exceptions as lk_exceptions
 from livekit.agents import tts as lk_tts
 from livekit.agents.tts import fallback_adapter
 from livekit.agents.voice import agent_activity
 
+from core import internals
+from core.internals import Internal
+
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
 
 DISTRIBUTION = "livekit-agents"
 TESTED_RANGE = ">=1.7,<1.9"
-
-
-@dataclass(frozen=True, slots=True)
-class Internal:
-    """One private LiveKit member the plugin uses.
-
-    owner: the module or class that holds it.
-    kind: "context variable", "class", "method", "property", "init attribute" (an instance
-        attribute `owner.__init__` assigns; checked in its code, since no instance exists at
-        import), "nested coroutine" (a coroutine function defined inside the method `inside`,
-        recognised by its name at run time) or "subclass API" (underscore-named, but the method
-        every LiveKit TTS plugin implements).
-    """
-
-    owner: Any
-    name: str
-    kind: str
-    used_in: str
-    why: str
-    inside: str | None = None
-
-    @property
-    def qualname(self) -> str:
-        owner = getattr(self.owner, "__qualname__", None)
-        where = f"{self.owner.__module__}.{owner}" if owner else self.owner.__name__
-        if self.inside:
-            where = f"{where}.{self.inside}.<locals>"
-        return f"{where}.{self.name}"
 
 
 INTERNALS: tuple[Internal, ...] = (
@@ -141,66 +112,18 @@ class LiveKitInternalsError(ImportError):
 
 
 def installed_version() -> str:
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:  # pragma: no cover - a source checkout of LiveKit
-        from livekit.agents import __version__
-
-        return str(__version__)
-
-
-def _nested_code(code: types.CodeType, name: str) -> bool:
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType) and (
-            const.co_name == name or _nested_code(const, name)
-        ):
-            return True
-    return False
+    return internals.installed_version(DISTRIBUTION)
 
 
 def problem(item: Internal) -> str | None:
     """What is wrong with `item` on the installed LiveKit, or None when it is usable."""
-    if item.kind == "init attribute":
-        init = getattr(item.owner.__init__, "__code__", None)
-        if init is not None and item.name in init.co_names:
-            return None
-        return f"{item.qualname} is no longer assigned by {item.owner.__qualname__}.__init__"
-    if item.kind == "nested coroutine":
-        method = item.owner.__dict__.get(item.inside) if item.inside else None
-        code = getattr(method, "__code__", None)
-        if code is not None and _nested_code(code, item.name):
-            return None
-        return f"{item.qualname} does not exist"
-    if isinstance(item.owner, type):  # the raw attribute: a property or function, unbound
-        member = next(
-            (c.__dict__[item.name] for c in item.owner.__mro__ if item.name in c.__dict__), None
-        )
-    else:
-        member = getattr(item.owner, item.name, None)
-    if member is None:
-        return f"{item.qualname} does not exist"
-    expected: type | tuple[type, ...] | None = {
-        "context variable": contextvars.ContextVar,
-        "class": type,
-        "property": property,
-        "method": types.FunctionType,
-        "subclass API": types.FunctionType,
-    }.get(item.kind)
-    if expected is not None and not isinstance(member, expected):
-        return f"{item.qualname} is no longer a {item.kind}"
-    return None
+    return internals.problem(item)
 
 
-def check(internals: Iterable[Internal] = INTERNALS) -> None:
+def check(items: Iterable[Internal] = INTERNALS) -> None:
     """Raise `LiveKitInternalsError` naming every internal missing on the installed LiveKit."""
-    problems = [p for p in map(problem, internals) if p is not None]
-    if problems:
-        raise LiveKitInternalsError(
-            f"moss_livekit cannot run on {DISTRIBUTION} {installed_version()}: "
-            + "; ".join(problems)
-            + f". It is tested with {DISTRIBUTION}{TESTED_RANGE}; install a release in that "
-            "range (see moss_livekit/compat.py for what each member is used for)."
-        )
+    internals.check(items, plugin="moss_livekit", distribution=DISTRIBUTION,
+                    tested_range=TESTED_RANGE, error=LiveKitInternalsError)
 
 
 check()

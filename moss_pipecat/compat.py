@@ -14,39 +14,16 @@ same range; `make test-compat` runs the plugin tests on its oldest and newest re
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from pipecat.services.ai_service import AIService
 from pipecat.services.tts_service import TTSService
 
+from core import internals
+from core.internals import Internal
+
 DISTRIBUTION = "pipecat-ai"
 TESTED_RANGE = ">=1.13,<1.15"
-
-
-@dataclass(frozen=True, slots=True)
-class Internal:
-    """One underscore-named Pipecat member the plugin uses.
-
-    kind: "method" or "property" (looked up on `owner`), "init attribute" (an instance attribute
-        `owner.__init__` assigns; checked in its code, since no instance exists at import), or
-        "subclass API" (underscore-named, but Pipecat documents it for services to override).
-    params: for a method the plugin overrides or calls, the leading parameters (after self) it
-        relies on, in order.
-    """
-
-    owner: type
-    name: str
-    kind: str
-    used_in: str
-    why: str
-    params: tuple[str, ...] = ()
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
 
 
 INTERNALS: tuple[Internal, ...] = (
@@ -89,7 +66,7 @@ INTERNALS: tuple[Internal, ...] = (
         "`TTSUpdateSettingsFrame` deltas",
     ),
     Internal(
-        AIService, "_settings", "subclass API",
+        AIService, "_settings", "init attribute",
         used_in="tts.py MossTTSService (voice, sampling, language, model of the current settings)",
         why="documented by Pipecat as the store a service's `Settings` live in (its single "
         "source of truth, also for the model name in metrics)",
@@ -102,54 +79,18 @@ class PipecatInternalsError(ImportError):
 
 
 def installed_version() -> str:
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:  # pragma: no cover - a source checkout of Pipecat
-        import pipecat
-
-        return str(getattr(pipecat, "__version__", "unknown"))
-
-
-def _init_assigns(owner: type, name: str) -> bool:
-    init = getattr(owner.__init__, "__code__", None)
-    return init is not None and name in init.co_names
+    return internals.installed_version(DISTRIBUTION)
 
 
 def problem(item: Internal) -> str | None:
     """What is wrong with `item` on the installed Pipecat, or None when it is usable."""
-    if item.kind == "init attribute" or (item.kind == "subclass API" and item.name == "_settings"):
-        if _init_assigns(item.owner, item.name):
-            return None
-        return f"{item.qualname} is no longer assigned by {item.owner.__qualname__}.__init__"
-    member = inspect.getattr_static(item.owner, item.name, None)
-    if member is None:
-        return f"{item.qualname} does not exist"
-    if item.kind == "property" and not isinstance(member, property):
-        return f"{item.qualname} is no longer a property"
-    if item.params:
-        func = member.fget if isinstance(member, property) else member
-        try:
-            names = list(inspect.signature(func).parameters)[1:]  # after self
-        except (TypeError, ValueError):
-            return f"{item.qualname} is no longer a function"
-        if tuple(names[: len(item.params)]) != item.params:
-            return (
-                f"{item.qualname} takes ({', '.join(names)}); the plugin relies on "
-                f"({', '.join(item.params)})"
-            )
-    return None
+    return internals.problem(item)
 
 
-def check(internals: Iterable[Internal] = INTERNALS) -> None:
+def check(items: Iterable[Internal] = INTERNALS) -> None:
     """Raise `PipecatInternalsError` naming every internal missing on the installed Pipecat."""
-    problems = [p for p in map(problem, internals) if p is not None]
-    if problems:
-        raise PipecatInternalsError(
-            f"moss_pipecat cannot run on {DISTRIBUTION} {installed_version()}: "
-            + "; ".join(problems)
-            + f". It is tested with {DISTRIBUTION}{TESTED_RANGE}; install a release in that "
-            "range (see moss_pipecat/compat.py for what each member is used for)."
-        )
+    internals.check(items, plugin="moss_pipecat", distribution=DISTRIBUTION,
+                    tested_range=TESTED_RANGE, error=PipecatInternalsError)
 
 
 check()
