@@ -143,7 +143,7 @@ class EngineLoop:
             if queued is not None:
                 cs.queue.remove(queued)
                 self.metrics.add("turns_cancelled")
-                self._turn_over(stream, None)
+                self._turn_over(stream, None, released=True)
                 return
         if played_s is not None:
             self._mark_played(stream, played_s)
@@ -364,7 +364,7 @@ class EngineLoop:
                     continue
                 if head.stream.status is not TurnStatus.QUEUED:  # stopped while queued
                     cs.queue.popleft()
-                    self._turn_over(head.stream, None)
+                    self._turn_over(head.stream, None, released=True)
                     continue
                 if not head.applied and not self._apply_request(cs, head):
                     cs.queue.popleft()
@@ -512,7 +512,7 @@ class EngineLoop:
                       len(turn.frames), turn.stream.ttfa_s)
             if error is not None:
                 log.info("turn %d failed: %r", turn.stream.turn_id, error)
-            self._turn_over(turn.stream, None if cancelled else error)
+            self._turn_over(turn.stream, None if cancelled else error, released=cancelled)
 
     def _keep_heard(self, cs: ConvState, turn: TurnState, error: BaseException | None) -> None:
         """Record the turn as heard. A failed turn keeps the audio it delivered (the listener
@@ -529,9 +529,12 @@ class EngineLoop:
         if error is None or heard is not None:
             cs.finished.append(turn)
 
-    def _turn_over(self, stream: TurnStream, error: BaseException | None) -> None:
-        """Release admission before the consumer can see the end (its next speak() fits)."""
-        self.inbox.release_turn(stream.turn_id)
+    def _turn_over(self, stream: TurnStream, error: BaseException | None, *,
+                   released: bool = False) -> None:
+        """Release admission before the consumer can see the end (its next speak() fits);
+        `released`: a stop already released it, on the caller's side, with its command."""
+        if not released:
+            self.inbox.release_turn(stream.turn_id)
         stream._finish(error)
 
 
