@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[pipecat,livekit,dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[pipecat,livekit,server,dev]" "$(TORCH_PIN)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,7 +40,7 @@ $(COMPAT)/%/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(COMPAT)/$*
 	$(COMPAT)/$*/bin/python -m pip install -q --upgrade pip
 	$(COMPAT)/$*/bin/python -m pip install -q "$(TORCH_PIN)"
-	$(COMPAT)/$*/bin/python -m pip install -q -e ".[pipecat,livekit,dev]" "$(TORCH_PIN)" $(FRAMEWORKS_$*)
+	$(COMPAT)/$*/bin/python -m pip install -q -e ".[pipecat,livekit,server,dev]" "$(TORCH_PIN)" $(FRAMEWORKS_$*)
 	touch $@
 
 # The newest end is upgraded first (a release may have come out since the venv was built); each

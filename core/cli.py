@@ -1,7 +1,8 @@
-"""`moss-tts` command line: stream a text through the engine into a WAV file.
+"""`moss-tts` command line: stream a text through the engine into a WAV file, or serve it.
 
     moss-tts say "Hello there. How are you?" -o out.wav [--voice ref.wav]
              [--model DIR_OR_ID --codec DIR_OR_ID | --tiny] [--device auto] [--debug]
+    MOSS_SERVER_TOKEN=... moss-tts serve [--host 127.0.0.1] [--port 8765] [--tiny]
 
 The text is pushed word by word, as an LLM would stream it, so the run exercises the same path as
 the plugins (incremental tokenization, text lead, chunked audio). `--tiny` uses random tiny
@@ -92,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument("--temperature", type=float, default=0.8)
     say.add_argument("--max-frames", type=int, default=1500, help="frame cap per turn (80 ms)")
     say.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    serve = sub.add_parser("serve", help="serve the engine over WebSocket (docs/PROTOCOL.md)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token-file", type=Path,
+                       help="file holding the shared secret (default: $MOSS_SERVER_TOKEN)")
+    serve.add_argument("--model", help=f"model directory or hub id (default {DEFAULT_MODEL})")
+    serve.add_argument("--codec", help=f"codec directory or hub id (default {DEFAULT_CODEC})")
+    serve.add_argument("--tiny", action="store_true", help="random tiny weights (plumbing check)")
+    serve.add_argument("--device", default="auto",
+                       help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    serve.add_argument("--max-streams", type=int, default=16, help="turns speaking at once")
+    serve.add_argument("--max-conversations", type=int, default=64, help="open conversations")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
 
@@ -309,6 +323,8 @@ def _write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
     if args.tiny and (args.model is not None or args.codec is not None):
         raise CliError("--tiny brings its own random weights; drop --model/--codec or --tiny")
     text = sys.stdin.read() if args.text == "-" else args.text
@@ -333,6 +349,46 @@ def _run(args: argparse.Namespace) -> int:
     _check_configs(model_dir, codec_dir)
     label = f"model {model} and codec {codec}"
     return asyncio.run(_say(job, model_dir, codec_dir, label))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the token, address and checkpoints first, then load once and serve until SIGTERM."""
+    from core.server.auth import ServeError, read_token
+    from core.server.run import ServeOptions, serve
+
+    if args.tiny and (args.model is not None or args.codec is not None):
+        raise CliError("--tiny brings its own random weights; drop --model/--codec or --tiny")
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port {args.port}: not a TCP port")
+    try:
+        token = read_token(args.token_file)
+    except ServeError as exc:
+        raise CliError(str(exc)) from exc
+    from core import Engine, EngineConfig
+
+    device = _check_device(args.device)
+    try:
+        config = EngineConfig(max_streams=args.max_streams,
+                              max_conversations=args.max_conversations)
+    except ValueError as exc:
+        raise CliError(f"--max-streams/--max-conversations: {exc}") from exc
+    options = ServeOptions(host=args.host, port=args.port, token_file=args.token_file)
+    with tempfile.TemporaryDirectory(prefix="moss-tiny-") as tmp:
+        if args.tiny:
+            from core.tiny import write_tiny
+
+            _note("--tiny uses RANDOM weights: the audio is noise")
+            model_dir, codec_dir = write_tiny(tmp)
+        else:
+            model = _check_source(DEFAULT_MODEL if args.model is None else args.model, "model")
+            codec = _check_source(DEFAULT_CODEC if args.codec is None else args.codec, "codec")
+            model_dir, codec_dir = _fetch(model, "model"), _fetch(codec, "codec")
+            _check_configs(model_dir, codec_dir)
+        _note(f"loading the engine on {device} ...")
+        engine = Engine.from_pretrained(model_dir, codec_dir, device=device, config=config)
+        _note(f"serving on http://{args.host}:{args.port} (WebSocket /v1/conversation)")
+        serve(engine, options, token)
+    return 0
 
 
 def _fail(exc: BaseException, code: int, debug: bool) -> int:

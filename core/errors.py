@@ -43,3 +43,8 @@ class EngineClosed(MossError):
 
 class StreamFailed(MossError):
     """Serving this one stream failed at run time; `__cause__` holds the original exception."""
+
+
+class ProtocolError(MossError):
+    """The network engine's peer broke the wire protocol (docs/PROTOCOL.md): a malformed,
+    oversized, unknown or out-of-order message, or a refused token. The socket is closed."""

@@ -100,7 +100,7 @@ class Conversation:
         """
         users = (user,) if isinstance(user, UserTurn) else tuple(user)
         for u in users:
-            self._check_user(u)
+            check_user_turn(u, self._config)
         if voice is not UNCHANGED:
             self.set_voice(voice)
         if sampling is not None:
@@ -131,7 +131,7 @@ class Conversation:
             TextTooLongError: more than `max_text_chars` characters.
         """
         user = UserTurn(text, audio, sample_rate)
-        self._check_user(user)
+        check_user_turn(user, self._config)
         self._check_open()
         reply = Reply(asyncio.get_running_loop())
         self._inbox.post(AddUserTurn(self.conv_id, self._pending(user), reply))
@@ -157,22 +157,24 @@ class Conversation:
         if self.closed:
             raise EngineClosed("this conversation was closed")
 
-    def _check_user(self, user: UserTurn) -> None:
-        """What can be refused without decoding, refused here (rate, type, shape, length)."""
-        if not isinstance(user, UserTurn):
-            raise TypeError(f"user turns must be UserTurn, got {user!r}")
-        text, cfg = user.text, self._config
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
-        if len(text) > cfg.max_text_chars:
-            raise TextTooLongError(f"user text has {len(text)} characters, max_text_chars="
-                                   f"{cfg.max_text_chars}")
-        if user.audio is None and not text.strip():
-            raise ValueError("a user turn needs text or audio")
-        if user.audio is not None:
-            inspect_audio(user.audio, user.sample_rate, max_seconds=cfg.max_user_audio_s,
-                          limit="max_user_audio_s")
-
     def _pending(self, user: UserTurn) -> PendingUser:
         codes = None if user.audio is None else self._encode_user(user.audio, user.sample_rate)
         return PendingUser(user.text, codes)
+
+
+def check_user_turn(user: UserTurn, config: EngineConfig) -> None:
+    """What can be refused without decoding, refused at the call (type, text length, audio
+    rate, shape and length): the in-process and the remote conversation alike."""
+    if not isinstance(user, UserTurn):
+        raise TypeError(f"user turns must be UserTurn, got {user!r}")
+    text = user.text
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    if len(text) > config.max_text_chars:
+        raise TextTooLongError(f"user text has {len(text)} characters, max_text_chars="
+                               f"{config.max_text_chars}")
+    if user.audio is None and not text.strip():
+        raise ValueError("a user turn needs text or audio")
+    if user.audio is not None:
+        inspect_audio(user.audio, user.sample_rate, max_seconds=config.max_user_audio_s,
+                      limit="max_user_audio_s")

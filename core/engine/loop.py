@@ -535,6 +535,8 @@ class EngineLoop:
         `released`: a stop already released it, on the caller's side, with its command."""
         if not released:
             self.inbox.release_turn(stream.turn_id)
+        if error is not None:
+            self.metrics.record_error(error)
         stream._finish(error)
 
 

@@ -8,8 +8,37 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+TTFA_BUCKETS_S = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+STEP_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Observations since start: `counts[i]` in (bounds[i-1], bounds[i]], the last one above
+    every bound; their sum and count (an exporter makes the buckets cumulative)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]  # one per bound, then one for +Inf
+    total: float
+    count: int
+
+
+class _Buckets:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts = bounds, [0] * (len(bounds) + 1)
+        self.total, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def snapshot(self) -> Histogram:
+        return Histogram(self.bounds, tuple(self.counts), self.total, self.count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +71,9 @@ class EngineStats:
     capacity_refusals: int = 0  # turns refused with CapacityError after `kv_wait_s`
     ttfa_rebuild_p95_s: float | None = None  # first audio of turns that rebuilt their KV
     ttfa_cached_p95_s: float | None = None  # first audio of the other turns
+    ttfa_histogram: Histogram | None = None  # every first audio since start
+    step_histogram: Histogram | None = None  # every tick since start (seconds)
+    errors: dict[str, int] = field(default_factory=dict)  # turns ended by an error, by class
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -64,6 +96,8 @@ class Metrics:
         self._ttfa: deque[float] = deque(maxlen=keep)
         self._ttfa_rebuild: deque[float] = deque(maxlen=keep)
         self._ttfa_cached: deque[float] = deque(maxlen=keep)
+        self._ttfa_hist, self._step_hist = _Buckets(TTFA_BUCKETS_S), _Buckets(STEP_BUCKETS_S)
+        self._errors: Counter[str] = Counter()
         self.counts = dict.fromkeys(
             ("turns_started", "turns_finished", "turns_cancelled", "turns_failed",
              "frames_total", "ticks_total", "underruns", "prefill_rows", "prefix_prefills",
@@ -75,12 +109,18 @@ class Metrics:
         with self._lock:
             self.counts[name] += n
 
+    def record_error(self, error: BaseException) -> None:
+        """A turn ended by `error` (its class name is the metrics label)."""
+        with self._lock:
+            self._errors[type(error).__name__] += 1
+
     def record_step(self, seconds: float, frames: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
             self.counts["ticks_total"] += 1
             self.counts["frames_total"] += frames
             self._step_ms.append(seconds * 1000.0)
+            self._step_hist.observe(seconds)
             self._frame_times.append((now, frames))
             self._trim(now)
 
@@ -88,6 +128,7 @@ class Metrics:
         """First audio of a turn; `rebuild`: its history's KV was prefilled again first."""
         with self._lock:
             self._ttfa.append(seconds)
+            self._ttfa_hist.observe(seconds)
             (self._ttfa_rebuild if rebuild else self._ttfa_cached).append(seconds)
 
     def _trim(self, now: float) -> None:
@@ -106,6 +147,8 @@ class Metrics:
             fps = frames / max(span, 1e-3) if frames else 0.0
             steps, ttfa, c = list(self._step_ms), list(self._ttfa), dict(self.counts)
             rebuilt, cached = list(self._ttfa_rebuild), list(self._ttfa_cached)
+            hists = self._ttfa_hist.snapshot(), self._step_hist.snapshot()
+            errors = dict(self._errors)
         return EngineStats(
             active_streams=active, queued_turns=queued, conversations=conversations,
             turns_started=c["turns_started"], turns_finished=c["turns_finished"],
@@ -119,4 +162,5 @@ class Metrics:
             kv_rebuilds=c["kv_rebuilds"], prefix_evictions=c["prefix_evictions"],
             capacity_waits=c["capacity_waits"], capacity_refusals=c["capacity_refusals"],
             ttfa_rebuild_p95_s=percentile(rebuilt, 95), ttfa_cached_p95_s=percentile(cached, 95),
+            ttfa_histogram=hists[0], step_histogram=hists[1], errors=errors,
         )

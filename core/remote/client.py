@@ -1,0 +1,161 @@
+"""RemoteEngine: the `Engine` interface the plugins use, served by `moss-tts serve`.
+
+`RemoteEngine(url, token=...)` goes where an `Engine` went: `load_voice` posts the reference
+audio once and keeps the codes (a voice is then sent to the server by its codes), and every
+`conversation()` is one WebSocket opened in the background on the caller's asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from core import wire
+from core.audio import REFERENCE_MAX_SECONDS, AudioSource, inspect_audio
+from core.engine.config import EngineConfig
+from core.errors import EngineClosed, InvalidAudioError, StreamFailed
+from core.remote.audio import voice_body
+from core.remote.conversation import RemoteConversation, draw_seed
+from core.remote.post import post
+from core.values import NUM_CODEBOOKS, SamplingParams, Voice
+
+log = logging.getLogger("core.remote")
+
+
+class RemoteEngine:
+    """A network engine with `Engine`'s public interface (docs/ARCHITECTURE.md).
+
+    `url` is the server's base, `http(s)://host:port` or `ws(s)://host:port`. `config` gives
+    the limits checked on this side before the first `welcome` (then the server's own
+    `max_text_chars`, `max_user_audio_s` and `cuttable_turns` replace them).
+    """
+
+    def __init__(self, url: str, *, token: str, config: EngineConfig | None = None,
+                 voice_timeout_s: float = 120.0) -> None:
+        if not isinstance(token, str) or not token:
+            raise ValueError("RemoteEngine needs the server's token")
+        parts = urlsplit(url.rstrip("/"))
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"RemoteEngine url must be http(s):// or ws(s)://host:port, got {url!r}")
+        secure = parts.scheme in ("https", "wss")
+        self.http_url = urlunsplit(("https" if secure else "http", parts.netloc, parts.path, "", ""))
+        self.ws_url = urlunsplit(("wss" if secure else "ws", parts.netloc,
+                                  parts.path + "/v1/conversation", "", ""))
+        self.token = token
+        self.config = config or EngineConfig()
+        self._voice_timeout_s = voice_timeout_s
+        self._convs: list[RemoteConversation] = []
+        self._closed = False
+
+    # -- voices -----------------------------------------------------------------------------
+    def check_voice(self, source: AudioSource, sample_rate: int | None = None) -> None:
+        """Refuse reference audio that cannot be used, without decoding it (as `Engine`)."""
+        inspect_audio(source, sample_rate, name="source", max_seconds=REFERENCE_MAX_SECONDS)
+
+    async def load_voice(self, source: AudioSource, sample_rate: int | None = None) -> Voice:
+        """Upload reference audio; the server validates and encodes it (`POST /v1/voices`).
+
+        Raises:
+            InvalidAudioError: what `Engine.load_voice` refuses (checked here when it needs no
+                decoding, else by the server), or an upload over the server's size limit.
+            ProtocolError: a wrong token. StreamFailed: the server cannot be reached.
+        """
+        self._check_open()
+        self.check_voice(source, sample_rate)
+        body, rate = await asyncio.to_thread(voice_body, source, sample_rate)
+        query = "" if rate is None else "?" + urlencode({"sample_rate": rate})
+        try:
+            status, headers, data = await post(
+                f"{self.http_url}/v1/voices{query}", body,
+                {"Authorization": f"Bearer {self.token}",
+                 "Content-Type": "application/octet-stream"}, timeout_s=self._voice_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise StreamFailed(f"voice upload to {self.http_url} failed: {exc!r}") from exc
+        if status != 200:
+            raise _http_error(status, data)
+        return _voice_from(headers, data)
+
+    # -- conversations ----------------------------------------------------------------------
+    def conversation(self, voice: Voice | None = None,
+                     sampling: SamplingParams | None = None) -> RemoteConversation:
+        """Open a conversation (its socket opens in the background on the running loop; a
+        full server ends its first turn with `AdmissionError`)."""
+        self._check_open()
+        if voice is not None and not isinstance(voice, Voice):
+            raise TypeError(f"voice must be a Voice (engine.load_voice) or None, got {voice!r}")
+        conv = RemoteConversation(self, voice, draw_seed(sampling))
+        self._convs = [c for c in self._convs if not c.closed]
+        self._convs.append(conv)
+        return conv
+
+    def close(self) -> None:
+        """Close every conversation of this client (idempotent)."""
+        self._closed = True
+        for conv in self._convs:
+            conv._on_closed(EngineClosed("the engine was closed"))
+            conv.close()
+        self._convs.clear()
+
+    async def aclose(self) -> None:
+        convs = list(self._convs)
+        self.close()
+        await asyncio.gather(*(c._conn.wait_closed() for c in convs), return_exceptions=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine was closed")
+
+    def _apply_limits(self, limits: object) -> None:
+        """The server's limits from `welcome` replace the configured ones."""
+        if not isinstance(limits, dict):
+            return
+        changes: dict[str, Any] = {}
+        for name, kind in (("max_text_chars", int), ("max_user_audio_s", float),
+                           ("cuttable_turns", int)):
+            value = limits.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and \
+                    math.isfinite(value) and value > 0:
+                changes[name] = kind(value)
+        try:
+            self.config = dataclasses.replace(self.config, **changes)
+        except ValueError as exc:
+            log.warning("ignoring the server's limits %r: %s", limits, exc)
+
+
+def _voice_from(headers: dict[str, str], data: bytes) -> Voice:
+    """A `Voice` from the answer to `POST /v1/voices`."""
+    key, duration = headers.get("x-voice-key"), headers.get("x-voice-duration")
+    row = NUM_CODEBOOKS * 2
+    if not key or duration is None or not data or len(data) % row:
+        raise StreamFailed("the server's voice answer is malformed")
+    codes = np.frombuffer(data, dtype="<i2").astype(np.int64).reshape(-1, NUM_CODEBOOKS)
+    return Voice(torch.from_numpy(codes), key, float(duration))
+
+
+def _http_error(status: int, data: bytes) -> Exception:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = {"type": "StreamFailed", "message": f"HTTP {status}: {data[:200]!r}"}
+    error = wire.error_from(obj)
+    if status == 413 and not isinstance(error, InvalidAudioError):
+        return InvalidAudioError(str(error))
+    return error
