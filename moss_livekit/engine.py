@@ -66,7 +66,13 @@ class WeightsDownloadError(CLIError):
 
 
 def register_engine(engine: Engine) -> Engine:
-    """Make an engine built elsewhere visible to `load_fnc` (e.g. one created in a test)."""
+    """Make an engine built elsewhere visible to `load_fnc` (e.g. one created in a test).
+
+    Raises:
+        TypeError: `engine` has no `stats()` (a `core.remote.RemoteEngine`: its load is the
+            server's, scraped from the server's `/metrics`, not this worker's).
+    """
+    _check_has_stats(engine)
     with _lock:
         if engine not in _engines.values():
             _engines[("<registered>", str(id(engine)), "", None)] = engine
@@ -101,7 +107,13 @@ def prewarm(
 
 
 def engine_occupancy(engine: Engine) -> float:
-    """Fraction of the engine's capacity in use: the fuller of rooms and speaking turns."""
+    """Fraction of the engine's capacity in use: the fuller of rooms and speaking turns.
+
+    Raises:
+        TypeError: `engine` is a `core.remote.RemoteEngine`, which has no `stats()` (the
+            protocol carries none: scrape the engine server's `/metrics`).
+    """
+    _check_has_stats(engine)
     stats, config = engine.stats(), engine.config
     return max(
         stats.conversations / config.max_conversations,
@@ -118,3 +130,11 @@ def load_fnc() -> float:
     with _lock:
         engines = list(_engines.values())
     return max((min(engine_occupancy(e), 1.0) for e in engines), default=0.0)
+
+
+def _check_has_stats(engine: object) -> None:
+    if not callable(getattr(engine, "stats", None)):
+        raise TypeError(
+            f"{type(engine).__name__} has no stats(): the occupancy of a remote engine is its "
+            "server's (scrape the server's /metrics); load_fnc counts in-process engines only"
+        )

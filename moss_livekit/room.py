@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from livekit.agents.voice.io import AudioOutput, PlaybackFinishedEvent
 
-from core import Engine, SamplingParams, UserTurn, Voice
+from core import SamplingParams, UserTurn, Voice
+from core.engine.protocol import EngineLike
 from core.errors import AdmissionError, EngineClosed
 
 from .log import logger
@@ -41,13 +42,14 @@ if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
 
     from core import Conversation, TurnStream
+    from core.remote import RemoteConversation, RemoteTurnStream
 
 
 @dataclass(slots=True)
 class TurnRecord:
     """One engine turn opened by a stream, until the engine knows how much of it was heard."""
 
-    turn: TurnStream
+    turn: TurnStream | RemoteTurnStream
     speech: SpeechHandle | None
     forwarded: bool = True  # its audio goes to the audio output (False: a fallback probe)
     emitted_s: float = 0.0  # audio handed to LiveKit so far
@@ -81,12 +83,12 @@ class RoomContext:
     """
 
     def __init__(
-        self, engine: Engine, session: AgentSession | None, *, capture_user_audio: bool = True
+        self, engine: EngineLike, session: AgentSession | None, *, capture_user_audio: bool = True
     ) -> None:
         self._engine = engine
         self._capture_user_audio = capture_user_audio
         self._tap: UserAudioTap | None = None
-        self._conv: Conversation | None = None
+        self._conv: Conversation | RemoteConversation | None = None
         self._records: list[TurnRecord] = []
         self._unsent: list[UserTurn] = []  # user turns of a request the engine refused
         self._seen_user_ids: set[str] = set()
@@ -109,7 +111,7 @@ class RoomContext:
         return self._closed
 
     @property
-    def conversation(self) -> Conversation | None:
+    def conversation(self) -> Conversation | RemoteConversation | None:
         """The engine conversation, created at the first turn."""
         return self._conv
 

@@ -25,8 +25,9 @@ from livekit.agents.types import (
 )
 from livekit.agents.voice.io import TimedString
 
-from core import Conversation, Engine, EngineConfig, SamplingParams, Voice
+from core import Conversation, EngineConfig, SamplingParams, Voice
 from core.audio import check_voice_file
+from core.engine.protocol import EngineLike
 from core.languages import check_language
 
 from . import compat
@@ -37,6 +38,8 @@ from .room import RoomContext, TurnRecord
 
 if TYPE_CHECKING:
     from livekit.agents.voice import AgentSession, SpeechHandle
+
+    from core.remote import RemoteConversation
 
 SAMPLE_RATE = 24000
 NUM_CHANNELS = 1
@@ -60,7 +63,8 @@ class TTS(tts.TTS):
     of the process shares one `Engine`, loaded once.
 
     Args:
-        engine: a loaded engine to use; None loads (once per process) `model` + `codec`.
+        engine: a loaded engine to use (a `core.Engine`, or a `core.remote.RemoteEngine` for
+            an engine served by `moss-tts serve`); None loads (once per process) `model` + `codec`.
         model: model directory or hub id, used when `engine` is None.
         codec: codec directory or hub id, used when `engine` is None.
         device: device for a lazily loaded engine ("auto": CUDA when present; "cpu", "cuda:N").
@@ -81,7 +85,7 @@ class TTS(tts.TTS):
     def __init__(
         self,
         *,
-        engine: Engine | None = None,
+        engine: EngineLike | None = None,
         model: str | Path = DEFAULT_MODEL,
         codec: str | Path = DEFAULT_CODEC,
         device: str = "auto",
@@ -97,8 +101,11 @@ class TTS(tts.TTS):
             sample_rate=SAMPLE_RATE,
             num_channels=NUM_CHANNELS,
         )
-        if engine is not None and not isinstance(engine, Engine):
-            raise TypeError(f"engine must be a core.Engine, got {type(engine).__name__}")
+        if engine is not None and not isinstance(engine, EngineLike):
+            raise TypeError(
+                f"engine must be a core.Engine or core.remote.RemoteEngine, "
+                f"got {type(engine).__name__}"
+            )
         if engine_config is not None and not isinstance(engine_config, EngineConfig):
             raise TypeError(f"engine_config must be an EngineConfig, got {engine_config!r}")
         if isinstance(frame_size_ms, bool) or not isinstance(frame_size_ms, int):
@@ -130,11 +137,13 @@ class TTS(tts.TTS):
         return "moss-self-hosted"
 
     @property
-    def engine(self) -> Engine | None:
+    def engine(self) -> EngineLike | None:
         """The engine serving this instance, once loaded."""
         return self._engine
 
-    def conversation(self, session: AgentSession | None = None) -> Conversation | None:
+    def conversation(
+        self, session: AgentSession | None = None
+    ) -> Conversation | RemoteConversation | None:
         """The engine `Conversation` of `session` (None: direct `stream()` use), if started."""
         room = self._rooms.get(session) if session is not None else self._direct_room
         return room.conversation if room is not None else None
@@ -215,7 +224,7 @@ class TTS(tts.TTS):
 
     # ---- internals shared by both stream kinds --------------------------------------------
 
-    async def _get_engine(self) -> Engine:
+    async def _get_engine(self) -> EngineLike:
         if self._engine is None:
             model, codec, device, config = self._engine_args
             engine = await asyncio.to_thread(
@@ -224,7 +233,7 @@ class TTS(tts.TTS):
             self._engine = self._engine or engine
         return self._engine
 
-    async def _get_voice(self, engine: Engine, source: VoiceSource | None) -> Voice | None:
+    async def _get_voice(self, engine: EngineLike, source: VoiceSource | None) -> Voice | None:
         """The engine's voice for the setting (the engine caches it: files by path, size and
         time, other audio by content)."""
         if source is None or isinstance(source, Voice):
@@ -232,7 +241,7 @@ class TTS(tts.TTS):
         rate = SAMPLE_RATE if isinstance(source, np.ndarray) else None  # arrays: 24 kHz
         return await engine.load_voice(source, sample_rate=rate)
 
-    def _room_for(self, session: AgentSession | None, engine: Engine) -> RoomContext:
+    def _room_for(self, session: AgentSession | None, engine: EngineLike) -> RoomContext:
         if session is None:
             if self._direct_room is None:
                 self._direct_room = RoomContext(engine, None)

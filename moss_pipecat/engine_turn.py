@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from core import TurnStream
 from core.errors import MossError, TextTooLongError
+
+if TYPE_CHECKING:
+    from core.remote import RemoteTurnStream
 
 
 @dataclass(eq=False)
@@ -27,7 +31,7 @@ class EngineTurn:
     cancelled: bool = False
     played_s: float | None = None  # where the turn was cut, when it was
     interruptible: bool = True
-    stream: TurnStream | None = None  # once the engine turn is open
+    stream: TurnStream | RemoteTurnStream | None = None  # once the engine turn is open
     task: asyncio.Task | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -58,7 +62,7 @@ class EngineTurn:
         if self.stream is not None:
             self.stream.end_text()
 
-    def attach(self, stream: TurnStream) -> None:
+    def attach(self, stream: TurnStream | RemoteTurnStream) -> None:
         """The engine turn opened: hand it the text that arrived while it was queued."""
         self.stream = stream
         for text in self.pending:

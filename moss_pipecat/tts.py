@@ -14,7 +14,7 @@ import asyncio
 import inspect
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from loguru import logger
@@ -43,11 +43,15 @@ from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from core import Conversation, Engine, EngineConfig, SamplingParams, Voice, WordTiming
 from core.audio import check_voice_file
+from core.engine.protocol import EngineLike
 from core.errors import AdmissionError, MossError, StreamCancelled
 from core.languages import check_language
 from moss_pipecat import compat  # checks the Pipecat internals used here, at import
 from moss_pipecat.engine_turn import EngineTurn, is_cjk
 from moss_pipecat.turns import PlayoutClock, UserTurnQueue, fade_out
+
+if TYPE_CHECKING:
+    from core.remote import RemoteConversation
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 # Pipecat closes an audio context after this long without audio, unless told otherwise.
@@ -98,7 +102,7 @@ class MossTTSService(TTSService):
     def __init__(
         self,
         *,
-        engine: Engine | None = None,
+        engine: EngineLike | None = None,
         model: str | None = None,
         codec: str | None = None,
         device: str = "auto",
@@ -112,7 +116,8 @@ class MossTTSService(TTSService):
         """Create the service.
 
         Args:
-            engine: A shared engine (recommended: one per process, many services).
+            engine: A shared engine (recommended: one per process, many services): a
+                `core.Engine`, or a `core.remote.RemoteEngine` for one served by `moss-tts serve`.
             model: Model directory or hub id, used when no engine is given (the service then owns
                 and closes its engine).
             codec: Codec directory or hub id, with `model`.
@@ -156,8 +161,8 @@ class MossTTSService(TTSService):
         self._owns_engine = engine is None
         if engine is None:
             engine = Engine.from_pretrained(model, codec, device=device, config=engine_config)
-        self._engine: Engine = engine
-        self._conv: Conversation | None = None
+        self._engine: EngineLike = engine
+        self._conv: Conversation | RemoteConversation | None = None
         self._conv_closed = False
         self._voice: Voice | None = None  # the loaded voice setting (loaded when it is set)
         self._turns: dict[str, EngineTurn] = {}
@@ -182,12 +187,12 @@ class MossTTSService(TTSService):
         return False
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> EngineLike:
         """The engine this service speaks through."""
         return self._engine
 
     @property
-    def conversation(self) -> Conversation | None:
+    def conversation(self) -> Conversation | RemoteConversation | None:
         """This call's engine conversation (None before the first turn or `StartFrame`)."""
         return self._conv
 
@@ -521,7 +526,7 @@ class MossTTSService(TTSService):
 
     # ----- conversation --------------------------------------------------------------------
 
-    def _open_conversation(self) -> Conversation:
+    def _open_conversation(self) -> Conversation | RemoteConversation:
         """The call's conversation, opened once (at `StartFrame`, or by the first reply)."""
         if self._conv_closed:
             raise MossError(f"{self} was stopped; its conversation is closed")
