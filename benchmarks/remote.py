@@ -63,10 +63,8 @@ async def first_audio(engine, n: int, deltas: list[str]) -> list[float]:
 
 
 async def main(args: argparse.Namespace) -> dict:
-    import uvicorn
-
     from core.remote import RemoteEngine
-    from core.server import create_app
+    from core.server.run import serving
     from core.tiny import write_tiny
 
     torch.set_num_threads(args.threads)
@@ -79,20 +77,16 @@ async def main(args: argparse.Namespace) -> dict:
     tok = engine.tokenizer
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     deltas = [tok.decode(ids[:k + 1])[len(tok.decode(ids[:k])):] for k in range(len(ids))]
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(engine, token=TOKEN), host="127.0.0.1", port=0, log_level="warning",
-        ws="websockets-sansio", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    remote = RemoteEngine(f"http://127.0.0.1:{port}", token=TOKEN)
+    async with serving(engine, token=TOKEN) as url:
+        return await _compare(engine, RemoteEngine(url, token=TOKEN), deltas, args)
+
+
+async def _compare(engine, remote, deltas: list[str], args: argparse.Namespace) -> dict:
     rows = []
     try:
-        await first_audio(engine, 2, deltas)  # warm-up, both paths
-        await first_audio(remote, 2, deltas)
+        warm = min(2, max(args.streams))
+        await first_audio(engine, warm, deltas)  # warm-up, both paths
+        await first_audio(remote, warm, deltas)
         for n in args.streams:
             local_all: list[float] = []
             remote_all: list[float] = []
@@ -112,8 +106,6 @@ async def main(args: argparse.Namespace) -> dict:
                   flush=True)
     finally:
         await remote.aclose()
-        server.should_exit = True
-        await task
         engine.close()
     return {"bench": "remote", "dims": "tiny", "device": "cpu", "repeat": args.repeat,
             "rows": rows}

@@ -9,11 +9,9 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-import uvicorn
 from engine_kit import build_engine, load_parts
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -28,7 +26,8 @@ from core.errors import (
 )
 from core.remote import RemoteEngine
 from core.remote.post import post
-from core.server import ServerLimits, create_app
+from core.server import ServerLimits
+from core.server.run import serving as serve_loopback
 
 TOKEN = "test-token-0123456789abcdef"
 FRAME_S = 0.08
@@ -40,23 +39,9 @@ def parts(tiny_dirs):
     return load_parts(tiny_dirs)
 
 
-@contextlib.asynccontextmanager
-async def serving(engine, limits: ServerLimits | None = None) -> AsyncIterator[str]:
-    """`create_app(engine)` under uvicorn on a free loopback port, for one test."""
-    config = uvicorn.Config(create_app(engine, token=TOKEN, limits=limits), host="127.0.0.1",
-                            port=0, log_level="warning", ws="websockets-sansio", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+def serving(engine, limits: ServerLimits | None = None):
+    """`create_app(engine)` on a free loopback port, for one test."""
+    return serve_loopback(engine, token=TOKEN, limits=limits)
 
 
 def _ws(url: str) -> str:

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from lk_kit import assistant_messages, make_session, new_agent, wait_until
 
 import moss_livekit
 from core.remote import RemoteConversation, RemoteEngine
-from core.server import create_app
+from core.server.run import serving
 from moss_livekit import TTS
 
 TOKEN = "lk-remote-token-0123456789abcdef"
@@ -26,25 +22,6 @@ LONG_REPLY = (
 pytestmark = pytest.mark.timeout(180)
 
 
-@contextlib.asynccontextmanager
-async def serving(engine) -> AsyncIterator[str]:
-    """`create_app(engine)` under uvicorn on a free loopback port, for one test."""
-    config = uvicorn.Config(create_app(engine, token=TOKEN), host="127.0.0.1", port=0,
-                            log_level="warning", ws="websockets-sansio", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-
-
 def _roles(conv) -> list[str]:
     return [t.role for t in conv.turns]
 
@@ -53,7 +30,7 @@ async def test_two_turns_then_a_barge_in_over_the_remote_engine(engine) -> None:
     """Prevents the plugin working only in process: over the wire the replies are conditioned on
     the dialogue so far, and after a barge-in the server's turn (like the chat history) stops
     where playback stopped, before the next reply."""
-    async with serving(engine) as url:
+    async with serving(engine, token=TOKEN) as url:
         remote = RemoteEngine(url, token=TOKEN)
         plugin = TTS(engine=remote)
         assert plugin.engine is remote

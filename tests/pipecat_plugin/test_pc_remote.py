@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator
-
 import numpy as np
 import pytest
-import uvicorn
 from moss_pc_support import RealtimeSpeaker, Recorder, llm_turn, run_pipeline, tokens_of, wait_for
 from pipecat.frames.frames import (
     EndFrame,
@@ -25,7 +19,7 @@ from pipecat.frames.frames import (
 )
 
 from core.remote import RemoteConversation, RemoteEngine
-from core.server import create_app
+from core.server.run import serving
 from moss_pipecat import MossTTSService, MossUserTurnCapture
 
 TOKEN = "pc-remote-token-0123456789abcdef"
@@ -36,25 +30,6 @@ LONG = "One two three. Four five six. Seven eight nine. Ten eleven twelve. Thirt
 # Paced like production, so the barge-in lands while the reply is still generating.
 ENGINE_OVERRIDES = {"lead_s": 0.5}
 pytestmark = pytest.mark.timeout(180)
-
-
-@contextlib.asynccontextmanager
-async def serving(engine) -> AsyncIterator[str]:
-    """`create_app(engine)` under uvicorn on a free loopback port, for one test."""
-    config = uvicorn.Config(create_app(engine, token=TOKEN), host="127.0.0.1", port=0,
-                            log_level="warning", ws="websockets-sansio", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 def _speech(seconds: float, chunk_s: float = 0.02) -> list[InputAudioRawFrame]:
@@ -73,7 +48,7 @@ async def test_a_call_over_the_remote_engine(engine) -> None:
     """Prevents the plugin working only in process: over the wire a call keeps its user turns
     (words and speech) before the replies, every reply plays and ends with TTSStoppedFrame, and a
     barge-in mid-reply cuts the server's turn to what was heard before the next reply."""
-    async with serving(engine) as url:
+    async with serving(engine, token=TOKEN) as url:
         remote = RemoteEngine(url, token=TOKEN)
         tts = MossTTSService(engine=remote, settings=MossTTSService.Settings(seed=1))
         capture = MossUserTurnCapture(tts, capture_audio=True)
