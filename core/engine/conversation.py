@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -33,19 +34,27 @@ UNCHANGED: Any = object()  # `speak(voice=...)` not given: the conversation keep
 EncodeUser = Callable[[Any, "int | None"], "Future[Tensor]"]
 
 
-class Conversation:
-    """One room or call: a voice, sampling settings and the dialogue so far.
+def opening_settings(voice: Voice | None,
+                     sampling: SamplingParams | None) -> tuple[Voice | None, SamplingParams]:
+    """A new conversation's voice and sampling, checked, with a seed drawn when none is given
+    (one random stream per conversation, continued across its turns; known to the caller at
+    once, in process and over the wire alike)."""
+    sampling = sampling or SamplingParams()
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
+    if voice is not None and not isinstance(voice, Voice):
+        raise TypeError(f"voice must be a Voice (engine.load_voice) or None, got {voice!r}")
+    if sampling.seed is None:
+        sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+    return voice, sampling
 
-    Create with `engine.conversation(voice=..., sampling=...)`. Methods may be called from any
-    thread and any asyncio loop.
-    """
 
-    def __init__(self, inbox: Inbox, conv_id: int, view: TurnsView, *, voice: Voice | None,
-                 sampling: SamplingParams, config: EngineConfig, encode_user: EncodeUser) -> None:
-        self._inbox, self.conv_id, self._view = inbox, conv_id, view
+class NextTurnSettings:
+    """The voice and sampling the next `speak()` request carries (caller side: both handles,
+    in-process and remote, send them with every turn)."""
+
+    def __init__(self, voice: Voice | None, sampling: SamplingParams) -> None:
         self._voice, self._sampling = voice, sampling
-        self._config, self._encode_user = config, encode_user
-        self.closed = False
 
     @property
     def voice(self) -> Voice | None:
@@ -72,6 +81,21 @@ class Conversation:
         if sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=self._sampling.seed)
         self._sampling = sampling
+
+
+class Conversation(NextTurnSettings):
+    """One room or call: a voice, sampling settings and the dialogue so far.
+
+    Create with `engine.conversation(voice=..., sampling=...)`. Methods may be called from any
+    thread and any asyncio loop.
+    """
+
+    def __init__(self, inbox: Inbox, conv_id: int, view: TurnsView, *, voice: Voice | None,
+                 sampling: SamplingParams, config: EngineConfig, encode_user: EncodeUser) -> None:
+        super().__init__(voice, sampling)
+        self._inbox, self.conv_id, self._view = inbox, conv_id, view
+        self._config, self._encode_user = config, encode_user
+        self.closed = False
 
     @property
     def turns(self) -> tuple[TurnView, ...]:

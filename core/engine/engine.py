@@ -9,9 +9,7 @@ stream), so a long recording never stalls a tick.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +24,7 @@ from core.codec import MossAudioCodec
 from core.device import resolve_device
 from core.engine.commands import OpenConversation, TurnsView
 from core.engine.config import EngineConfig
-from core.engine.conversation import Conversation
+from core.engine.conversation import Conversation, opening_settings
 from core.engine.inbox import Inbox
 from core.engine.loop import EngineLoop
 from core.engine.metrics import EngineStats
@@ -134,13 +132,7 @@ class Engine:
             AdmissionError: `max_conversations` are already open.
             EngineClosed: the engine was closed.
         """
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
-        if voice is not None and not isinstance(voice, Voice):
-            raise TypeError(f"voice must be a Voice (engine.load_voice) or None, got {voice!r}")
-        if sampling.seed is None:  # one random stream per conversation, continued across turns
-            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        voice, sampling = opening_settings(voice, sampling)
         conv_id = self._inbox.open_conversation()
         history = History(self.builder, self._prefix_rows, voice=voice, max_rows=self._max_rows,
                           trim_target=self.config.context_trim_target)

@@ -21,9 +21,10 @@ import torch
 from core import wire
 from core.audio import REFERENCE_MAX_SECONDS, AudioSource, inspect_audio
 from core.engine.config import EngineConfig
+from core.engine.conversation import opening_settings
 from core.errors import EngineClosed, InvalidAudioError, StreamFailed
 from core.remote.audio import voice_body
-from core.remote.conversation import RemoteConversation, draw_seed
+from core.remote.conversation import RemoteConversation
 from core.remote.post import post
 from core.values import NUM_CODEBOOKS, SamplingParams, Voice
 
@@ -89,9 +90,7 @@ class RemoteEngine:
         """Open a conversation (its socket opens in the background on the running loop; a
         full server ends its first turn with `AdmissionError`)."""
         self._check_open()
-        if voice is not None and not isinstance(voice, Voice):
-            raise TypeError(f"voice must be a Voice (engine.load_voice) or None, got {voice!r}")
-        conv = RemoteConversation(self, voice, draw_seed(sampling))
+        conv = RemoteConversation(self, *opening_settings(voice, sampling))
         self._convs = [c for c in self._convs if not c.closed]
         self._convs.append(conv)
         return conv

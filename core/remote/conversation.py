@@ -9,14 +9,12 @@ the engine can make (AdmissionError, ...) end the turn's stream with the same cl
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from core import wire
-from core.engine.conversation import UNCHANGED, check_user_turn
+from core.engine.conversation import UNCHANGED, NextTurnSettings, check_user_turn
 from core.engine.stream import AudioChunk, TurnStatus
 from core.errors import EngineClosed, ProtocolError, StreamCancelled, StreamFailed
 from core.history import TurnView
@@ -32,13 +30,13 @@ log = logging.getLogger("core.remote")
 _STATUS = {s.value: s for s in (TurnStatus.FINISHED, TurnStatus.CANCELLED, TurnStatus.FAILED)}
 
 
-class RemoteConversation:
+class RemoteConversation(NextTurnSettings):
     """One room or call on a remote engine; use it from one asyncio loop."""
 
     def __init__(self, engine: RemoteEngine, voice: Voice | None,
                  sampling: SamplingParams) -> None:
+        super().__init__(voice, sampling)
         self._engine = engine
-        self._voice, self._sampling = voice, sampling
         self._turns: tuple[TurnView, ...] = ()
         self._streams: dict[int, RemoteTurnStream] = {}
         self._requests: dict[int, asyncio.Future[None]] = {}
@@ -55,27 +53,6 @@ class RemoteConversation:
             self._conn.start()
         except RuntimeError:  # no running loop yet: opened by the first speak/add_user_turn
             pass
-
-    @property
-    def voice(self) -> Voice | None:
-        return self._voice
-
-    def set_voice(self, voice: Voice | None) -> None:
-        if voice is not None and not isinstance(voice, Voice):
-            raise TypeError(f"voice must be a Voice or None, got {voice!r}")
-        self._voice = voice
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return self._sampling
-
-    def set_sampling(self, sampling: SamplingParams) -> None:
-        """From the next turn on; a `seed` of None keeps the conversation's random stream."""
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
-        if sampling.seed is None:
-            sampling = dataclasses.replace(sampling, seed=self._sampling.seed)
-        self._sampling = sampling
 
     @property
     def turns(self) -> tuple[TurnView, ...]:
@@ -250,14 +227,3 @@ class RemoteConversation:
             raise EngineClosed("this conversation was closed")
         if self._fatal is not None:
             raise self._fatal
-
-
-def draw_seed(sampling: SamplingParams | None) -> SamplingParams:
-    """The conversation's sampling with a seed (drawn here, so `conv.sampling` has it at once)."""
-    sampling = sampling or SamplingParams()
-    if not isinstance(sampling, SamplingParams):
-        raise TypeError(f"sampling must be SamplingParams, got {sampling!r}")
-    if sampling.seed is None:
-        sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
-    return sampling
-
