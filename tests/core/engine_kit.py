@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from pathlib import Path
@@ -47,3 +48,18 @@ def state_of(conv: Conversation, limit_s: float = 5.0) -> ConvState:
         assert time.monotonic() < deadline, "the conversation never reached the engine thread"
         time.sleep(0.001)
     return cs
+
+
+async def say_all(stream, text: str) -> list:
+    """Push `text` in one delta, end it, and collect every chunk (any stream: local or remote)."""
+    stream.push_text(text)
+    stream.end_text()
+    return [c async for c in stream]
+
+
+async def until(pred, limit_s: float = 10.0) -> None:
+    """Poll an engine-side condition with a hard limit (not a sleep that hides a race)."""
+    deadline = time.monotonic() + limit_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import json
 import random
-import time
 
 import numpy as np
 import pytest
 from engine_kit import build_engine, load_parts
+from engine_kit import say_all as _say
+from engine_kit import until as _until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -50,19 +51,6 @@ def _ws(url: str) -> str:
 
 def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def _say(stream, text: str) -> list:
-    stream.push_text(text)
-    stream.end_text()
-    return [c async for c in stream]
-
-
-async def _until(pred, limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def _reference() -> np.ndarray:

@@ -5,12 +5,13 @@ what was heard are two separate calls."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
 import torch
 from engine_kit import build_engine, load_parts, state_of
+from engine_kit import say_all as _say
+from engine_kit import until as _until
 
 from core import SamplingParams, TurnStatus, UserTurn
 from core.errors import StreamCancelled
@@ -21,19 +22,6 @@ FRAME_S = 0.08
 @pytest.fixture(scope="module")
 def parts(tiny_dirs):
     return load_parts(tiny_dirs)
-
-
-async def _say(stream, text: str) -> list:
-    stream.push_text(text)
-    stream.end_text()
-    return [c async for c in stream]
-
-
-async def _until(pred, limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_requests_made_back_to_back_run_in_order_without_waiting(parts):
