@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import uuid
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -85,12 +86,18 @@ class RemoteEngine:
         return _voice_from(headers, data)
 
     # -- conversations ----------------------------------------------------------------------
-    def conversation(self, voice: Voice | None = None,
-                     sampling: SamplingParams | None = None) -> RemoteConversation:
+    def conversation(self, voice: Voice | None = None, sampling: SamplingParams | None = None,
+                     *, session_id: str | None = None) -> RemoteConversation:
         """Open a conversation (its socket opens in the background on the running loop; a
-        full server ends its first turn with `AdmissionError`)."""
+        full server ends its first turn with `AdmissionError`). `session_id` (default: a
+        random one) is sent with every connection of the conversation, so a sticky router
+        sends its reconnects to the same server (LiveKit: the job id; Pipecat: the call id)."""
         self._check_open()
-        conv = RemoteConversation(self, *opening_settings(voice, sampling))
+        if session_id is not None and (not isinstance(session_id, str)
+                                       or not 0 < len(session_id) <= 128):
+            raise ValueError(f"session_id must be a string of 1..128 characters, got {session_id!r}")
+        conv = RemoteConversation(self, *opening_settings(voice, sampling),
+                                  session_id=session_id or uuid.uuid4().hex)
         self._convs = [c for c in self._convs if not c.closed]
         self._convs.append(conv)
         return conv

@@ -27,6 +27,7 @@ OnMessage = Callable[[dict[str, Any], bytes | None], None]
 OnClosed = Callable[[BaseException | None], None]
 CLOSE_WAIT_S = 5.0  # after `close`, how long the server gets to close the socket itself
 MAX_INCOMING_BYTES = 16 << 20
+SESSION_HEADER = "x-session-id"  # what a sticky router (Ray Serve's consistent hash) keys on
 
 _ANNOUNCES_BINARY = {"chunk": "bytes"}
 
@@ -35,8 +36,9 @@ class Connection:
     """A lazily opened WebSocket with an ordered outgoing queue."""
 
     def __init__(self, url: str, token: str, on_message: OnMessage, on_closed: OnClosed, *,
-                 open_timeout_s: float = 10.0) -> None:
+                 session_id: str, open_timeout_s: float = 10.0) -> None:
         self._url, self._token, self._open_timeout_s = url, token, open_timeout_s
+        self._headers = {"Authorization": f"Bearer {token}", SESSION_HEADER: session_id}
         self._on_message, self._on_closed = on_message, on_closed
         self._out: deque[Outgoing] = deque()
         self._wake: asyncio.Event | None = None
@@ -87,8 +89,8 @@ class Connection:
     async def _run(self) -> None:
         error: BaseException | None = None
         try:
-            async with connect(self._url, additional_headers={
-                    "Authorization": f"Bearer {self._token}"}, compression=None, proxy=None,
+            async with connect(self._url, additional_headers=self._headers, compression=None,
+                               proxy=None,
                     open_timeout=self._open_timeout_s, max_size=MAX_INCOMING_BYTES) as ws:
                 reader = asyncio.create_task(self._read(ws))
                 writer = asyncio.create_task(self._write(ws))

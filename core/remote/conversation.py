@@ -34,9 +34,11 @@ class RemoteConversation(NextTurnSettings):
     """One room or call on a remote engine; use it from one asyncio loop."""
 
     def __init__(self, engine: RemoteEngine, voice: Voice | None,
-                 sampling: SamplingParams) -> None:
+                 sampling: SamplingParams, session_id: str) -> None:
         super().__init__(voice, sampling)
         self._engine = engine
+        self.session_id = session_id  # routes every connection of this conversation alike
+        self.server: str | None = None  # the id of the server that welcomed it last
         self._turns: tuple[TurnView, ...] = ()
         self._streams: dict[int, RemoteTurnStream] = {}
         self._requests: dict[int, asyncio.Future[None]] = {}
@@ -44,9 +46,10 @@ class RemoteConversation(NextTurnSettings):
         self._voices_sent: set[str] = set()
         self._fatal: BaseException | None = None  # why the socket is unusable
         self.closed = False
-        self._conn = Connection(engine.ws_url, engine.token, self._on_message, self._on_closed)
+        self._conn = Connection(engine.ws_url, engine.token, self._on_message, self._on_closed,
+                                session_id=session_id)
         self._send_voice(voice)
-        self._send({"type": "hello", "versions": [wire.VERSION],
+        self._send({"type": "hello", "versions": [wire.VERSION], "session": session_id,
                     "sampling": wire.sampling_to_wire(sampling),
                     "voice": None if voice is None else voice.key})
         try:
@@ -192,6 +195,7 @@ class RemoteConversation(NextTurnSettings):
                 else:
                     reply.set_exception(wire.error_from(msg["error"]))
         elif kind == "welcome":
+            self.server = msg.get("server")
             self._engine._apply_limits(msg.get("limits"))
         elif kind == "error":
             error = wire.error_from(msg.get("error"))

@@ -17,18 +17,23 @@ from core.engine.engine import Engine
 from core.errors import EngineClosed, InvalidAudioError, ProtocolError
 from core.server import metrics
 from core.server.auth import token_matches
+from core.server.control import ServerControl
 from core.server.limits import ServerLimits
 from core.server.session import Session
 from core.server.voices import VoiceRegistry, codes_to_wire
 
 
-def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` with the shared secret `token`."""
+def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None,
+               control: ServerControl | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` with the shared secret `token`; `control` drains it
+    and names it (one is made when not given: `app.state.control`)."""
     if not isinstance(token, str) or not token:
         raise ValueError("create_app needs a non-empty token")
     limits = limits or ServerLimits()
+    control = control or ServerControl()
     voices = VoiceRegistry(limits.voice_registry_size)
     app = FastAPI(title="moss-tts engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.control = control
 
     def authorized(headers: Any) -> bool:
         return token_matches(token, headers.get("authorization"))
@@ -39,7 +44,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        ok = not engine.closed and (
+        ok = not engine.closed and not control.draining and (
             engine.stats().conversations < engine.config.max_conversations)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
@@ -83,7 +88,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
             await ws.close(wire.CLOSE_UNAUTHORIZED, "missing or wrong token")
             return
         await ws.accept()
-        await Session(ws, engine, limits, voices).run()
+        await Session(ws, engine, limits, voices, control).run()
 
     return app
 

@@ -23,6 +23,7 @@ from core.engine.conversation import UNCHANGED, Conversation
 from core.engine.engine import Engine
 from core.engine.stream import AudioChunk, TurnStatus, TurnStream, _check_played_s
 from core.errors import AdmissionError, EngineClosed, MossError, ProtocolError, StreamFailed
+from core.server.control import ServerControl
 from core.server.limits import ServerLimits
 from core.server.voices import MAX_VOICE_FRAMES, VoiceRegistry
 from core.values import UserTurn, Voice
@@ -53,8 +54,9 @@ class Session:
     """The server side of one conversation socket."""
 
     def __init__(self, ws: WebSocket, engine: Engine, limits: ServerLimits,
-                 voices: VoiceRegistry) -> None:
+                 voices: VoiceRegistry, control: ServerControl) -> None:
         self.ws, self.engine, self.limits, self.voices = ws, engine, limits, voices
+        self.control = control
         self.conv: Conversation | None = None
         self.local_voices: dict[str, Voice] = {}  # keys this socket sent -> their voices
         self.streams: OrderedDict[int, TurnStream] = OrderedDict()
@@ -140,6 +142,8 @@ class Session:
         sampling = None if raw is None else wire.sampling_from_wire(raw)
         voice = self._voice(msg.get("voice"))
         try:
+            if self.control.draining:
+                raise AdmissionError("this server is draining: it takes no new conversations")
             self.conv = self.engine.conversation(voice=voice, sampling=sampling)
         except (AdmissionError, EngineClosed) as exc:
             await self._send({"type": "error", "error": wire.error_object(exc)})
@@ -149,6 +153,7 @@ class Session:
         cfg = self.engine.config
         await self._send({
             "type": "welcome", "version": wire.VERSION, "sample_rate": wire.SAMPLE_RATE,
+            "server": self.control.server_id,
             "limits": {"max_text_chars": cfg.max_text_chars,
                        "max_user_audio_s": cfg.max_user_audio_s,
                        "cuttable_turns": cfg.cuttable_turns,
