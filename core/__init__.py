@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     )
     from core.history import TurnView
     from core.timings import WordTiming
-    from core.values import SamplingParams, UserTurn, Voice
+    from core.values import PastTurn, SamplingParams, UserTurn, Voice
 
 _LAZY = {
     "Engine": "core.engine",
@@ -51,6 +51,7 @@ _LAZY = {
     "TurnStatus": "core.engine",
     "Conversation": "core.engine",
     "TurnView": "core.history",
+    "PastTurn": "core.values",
     "SamplingParams": "core.values",
     "UserTurn": "core.values",
     "Voice": "core.values",
@@ -70,6 +71,7 @@ __all__ = [
     "EngineStats",
     "InvalidAudioError",
     "MossError",
+    "PastTurn",
     "SamplingParams",
     "StreamCancelled",
     "StreamFailed",

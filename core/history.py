@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from core.errors import ContextOverflowError
-from core.values import NUM_CODEBOOKS
+from core.values import NUM_CODEBOOKS, PastTurn
 
 if TYPE_CHECKING:
     from core.prompt import PromptBuilder
@@ -49,6 +50,7 @@ class HistoryTurn:
     text_ids: list[int] | None = None  # assistant: the text ids laid out in its rows
     turn_id: int | None = None  # assistant: the TurnStream it came from
     _rows: dict[bool, Tensor] = field(default_factory=dict)
+    _past: PastTurn | None = None
 
     def rows(self, builder: PromptBuilder, *, first: bool) -> Tensor:
         if first not in self._rows:
@@ -66,6 +68,12 @@ class HistoryTurn:
 
     def view(self) -> TurnView:
         return TurnView(self.role, self.text, 0 if self.codes is None else int(self.codes.shape[0]))
+
+    def past(self) -> PastTurn:
+        """This turn as a value (one object per turn: a changed turn is a new HistoryTurn)."""
+        if self._past is None:
+            self._past = PastTurn(self.role, self.text, self.codes, tuple(self.text_ids or ()))
+        return self._past
 
 
 class PrefixRows:
@@ -160,6 +168,38 @@ class History:
 
     def view(self) -> tuple[TurnView, ...]:
         return tuple(t.view() for t in self.turns)
+
+    def past(self) -> tuple[PastTurn, ...]:
+        return tuple(t.past() for t in self.turns)
+
+    def restore(self, turns: Sequence[PastTurn]) -> None:
+        """Start from turns another engine had (`Conversation.history`), each checked and laid
+        out now, so a history this model cannot use is refused here.
+
+        Raises:
+            TypeError, ValueError: a turn that is not a PastTurn, an unknown role, codes or
+                text ids outside the model's ranges.
+        """
+        restored: list[HistoryTurn] = []
+        for i, past in enumerate(turns):
+            if not isinstance(past, PastTurn):
+                raise TypeError(f"history[{i}] must be a PastTurn, got {type(past).__name__}")
+            if past.role not in (USER, ASSISTANT):
+                raise ValueError(f"history[{i}].role must be 'user' or 'assistant', "
+                                 f"got {past.role!r:.40}")
+            codes = past.codes
+            if codes is not None and (not isinstance(codes, Tensor) or codes.dim() != 2
+                                      or codes.shape[1] != NUM_CODEBOOKS):
+                raise ValueError(f"history[{i}].codes must be a [frames, {NUM_CODEBOOKS}] tensor")
+            if codes is not None:
+                codes = codes.to("cpu", torch.long)
+            if past.role == ASSISTANT:
+                turn = HistoryTurn(ASSISTANT, past.text, codes, list(past.text_ids))
+            else:
+                turn = HistoryTurn(USER, past.text, codes)
+            turn.rows(self.builder, first=i == 0)  # raises ValueError for unusable ids/codes
+            restored.append(turn)
+        self.turns = restored
 
     # -- rows -----------------------------------------------------------------------------------
     def prefix(self) -> Tensor:

@@ -69,3 +69,24 @@ class UserTurn:
     text: str = ""
     audio: Any = None
     sample_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class PastTurn:
+    """One turn of a conversation as it stands in the history (as heard, for a cut reply):
+    what `Engine.conversation(history=...)` needs to rebuild the conversation on another
+    engine, so a call outlives the server it started on.
+
+    `codes` are user speech codes or the assistant's frames (Long[F, 16], None for none);
+    `text_ids` are the assistant's text tokens as laid out among its frames (the model's own
+    ids: a turn moves between servers of the same model).
+    """
+
+    role: str  # "user" or "assistant"
+    text: str
+    codes: torch.Tensor | None = field(default=None, repr=False)
+    text_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.codes is None else int(self.codes.shape[0])

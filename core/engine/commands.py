@@ -9,6 +9,7 @@ and a `Reply` resolved on the caller's own loop. A turn's request carries everyt
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # light at run time: streams import this module
 
     from core.engine.stream import TurnStream
     from core.history import History, TurnView
-    from core.values import SamplingParams, Voice
+    from core.values import PastTurn, SamplingParams, Voice
 
 
 class Reply:
@@ -59,12 +60,14 @@ class PendingUser:
 
 class TurnsView:
     """The conversation's turns as its handle shows them: replaced whole by the engine thread
-    (an atomic swap), read by the caller."""
+    (an atomic swap), read by the caller; `listener` (set by the caller) is told of each change
+    on the engine thread, so a server need not poll."""
 
-    __slots__ = ("turns",)
+    __slots__ = ("turns", "past", "listener")
 
-    def __init__(self) -> None:
-        self.turns: tuple[TurnView, ...] = ()
+    def __init__(self, turns: tuple[TurnView, ...] = (), past: tuple[PastTurn, ...] = ()) -> None:
+        self.turns, self.past = turns, past
+        self.listener: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ stream (sampling and the frame counter that continues across turns).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ from core.values import SamplingParams
 if TYPE_CHECKING:
     from core.engine.commands import AddUserTurn, Speak, TurnsView
     from core.engine.turn import TurnState
+
+log = logging.getLogger("core.engine")
 
 
 class ConvState:
@@ -43,8 +46,15 @@ class ConvState:
         self.room_wait: tuple[Speak, float] | None = None
 
     def publish(self) -> None:
-        """Show the caller the turns as they are now."""
-        self.view.turns = self.history.view()
+        """Show the caller the turns as they are now (and tell its listener, if any)."""
+        view = self.view
+        view.past, view.turns = self.history.past(), self.history.view()
+        listener = view.listener
+        if listener is not None:
+            try:
+                listener()
+            except Exception:  # a caller's hook never stops the engine thread
+                log.exception("turns listener failed")
 
     @property
     def seq_id(self) -> int | None:

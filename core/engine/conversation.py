@@ -19,7 +19,7 @@ from core.audio import inspect_audio
 from core.engine.commands import AddUserTurn, PendingUser, Reply, Speak
 from core.engine.stream import TurnStream
 from core.errors import EngineClosed, TextTooLongError
-from core.values import SamplingParams, UserTurn, Voice
+from core.values import PastTurn, SamplingParams, UserTurn, Voice
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -101,6 +101,17 @@ class Conversation(NextTurnSettings):
     def turns(self) -> tuple[TurnView, ...]:
         """The turns in the history now (the oldest may have been trimmed)."""
         return self._view.turns
+
+    @property
+    def history(self) -> tuple[PastTurn, ...]:
+        """The same turns with their codes: `engine.conversation(history=...)` on another
+        engine continues this conversation there."""
+        return self._view.past
+
+    def on_turns_changed(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback()` (on the engine thread: keep it short, e.g. a
+        `loop.call_soon_threadsafe`) whenever `turns` changes; None removes it."""
+        self._view.listener = callback
 
     def speak(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from core.hub import resolve_pretrained
 from core.model import KVPool, MossTTSRealtime
 from core.prompt import PromptBuilder, TokenIds
 from core.text import load_tokenizer
-from core.values import SamplingParams, Voice
+from core.values import PastTurn, SamplingParams, Voice
 from core.voices import VoiceEncoder
 
 log = logging.getLogger("core.engine")
@@ -124,20 +124,24 @@ class Engine:
             self._submit(lambda: self._voices.load(source, sample_rate)))
 
     def conversation(
-        self, voice: Voice | None = None, sampling: SamplingParams | None = None
+        self, voice: Voice | None = None, sampling: SamplingParams | None = None,
+        history: Sequence[PastTurn] = (),
     ) -> Conversation:
-        """Open a conversation (one room / call).
+        """Open a conversation (one room / call); `history` continues one that another engine
+        had (its `Conversation.history`: the turns as heard, with their codes).
 
         Raises:
             AdmissionError: `max_conversations` are already open.
             EngineClosed: the engine was closed.
+            TypeError, ValueError: a `history` this model cannot use (nothing is opened).
         """
         voice, sampling = opening_settings(voice, sampling)
+        past = History(self.builder, self._prefix_rows, voice=voice, max_rows=self._max_rows,
+                       trim_target=self.config.context_trim_target)
+        past.restore(history)
         conv_id = self._inbox.open_conversation()
-        history = History(self.builder, self._prefix_rows, voice=voice, max_rows=self._max_rows,
-                          trim_target=self.config.context_trim_target)
-        view = TurnsView()
-        self._inbox.post(OpenConversation(conv_id, history, sampling, view))
+        view = TurnsView(past.view(), past.past())
+        self._inbox.post(OpenConversation(conv_id, past, sampling, view))
         return Conversation(self._inbox, conv_id, view, voice=voice, sampling=sampling,
                             config=self.config, encode_user=self._encode_user)
 

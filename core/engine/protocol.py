@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from core.audio import AudioSource
     from core.engine.config import EngineConfig
-    from core.values import SamplingParams, Voice
+    from core.values import PastTurn, SamplingParams, Voice
 
 
 @runtime_checkable
@@ -20,7 +22,7 @@ class EngineLike(Protocol):
     """An in-process `Engine` or a `RemoteEngine`: voices, conversations, close.
 
     `conversation()` returns a `Conversation` or a `RemoteConversation` (the same interface:
-    `speak`, `add_user_turn`, `turns`, `close`/`aclose`, `voice`, `sampling`).
+    `speak`, `add_user_turn`, `turns`, `history`, `close`/`aclose`, `voice`, `sampling`).
     """
 
     config: EngineConfig
@@ -32,8 +34,8 @@ class EngineLike(Protocol):
 
     async def load_voice(self, source: AudioSource, sample_rate: int | None = None) -> Voice: ...
 
-    def conversation(self, voice: Voice | None = None,
-                     sampling: SamplingParams | None = None) -> Any: ...
+    def conversation(self, voice: Voice | None = None, sampling: SamplingParams | None = None,
+                     history: Sequence[PastTurn] = ()) -> Any: ...
 
     def close(self) -> None: ...
 
