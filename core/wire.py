@@ -12,6 +12,10 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from core.errors import (
     AdmissionError,
     CapacityError,
@@ -25,7 +29,7 @@ from core.errors import (
 )
 from core.history import TurnView
 from core.timings import WordTiming
-from core.values import SamplingParams
+from core.values import PastTurn, SamplingParams
 
 VERSION = 1
 SAMPLE_RATE = 24000
@@ -36,6 +40,7 @@ CLOSE_POLICY = 1008  # protocol violation
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013  # conversation refused (AdmissionError)
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_SUPERSEDED = 4409  # a newer socket of the same session took over
 
 # What an error object's `type` may name; the receiver raises the same class.
 ERROR_CLASSES: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
@@ -140,17 +145,44 @@ def sampling_from_wire(obj: object) -> SamplingParams:
         raise ProtocolError(f"'sampling' is unusable: {exc}") from None
 
 
-def turns_to_wire(turns: tuple[TurnView, ...]) -> list[dict[str, Any]]:
-    return [{"role": t.role, "text": t.text, "frames": t.frames} for t in turns]
-
-
-def turns_from_wire(items: object) -> tuple[TurnView, ...]:
+def turns_from_wire(items: object) -> tuple[tuple[TurnView, int], ...]:
+    """A `turns` message's turns, each with the ref of the `past` message that carried it."""
     if not isinstance(items, list):
         raise ProtocolError("'turns' must be a list")
     try:
-        return tuple(TurnView(str(t["role"]), str(t["text"]), int(t["frames"])) for t in items)
+        return tuple((TurnView(str(t["role"]), str(t["text"]), int(t["frames"])), int(t["ref"]))
+                     for t in items)
     except (TypeError, KeyError, ValueError) as exc:
         raise ProtocolError(f"malformed 'turns': {exc!r}") from None
+
+
+def codes_to_wire(codes: Tensor | None) -> bytes:
+    """Audio codes `[frames, 16]` as little-endian int16, row major (b"" for none)."""
+    if codes is None or codes.shape[0] == 0:
+        return b""
+    return codes.numpy().astype("<i2").tobytes()
+
+
+def codes_from_wire(data: bytes) -> Tensor:
+    """Codes `[frames, 16]` from their int16 bytes (the receiver checks their range)."""
+    if len(data) % (CODEBOOKS * 2):
+        raise ProtocolError(f"codes need a multiple of {CODEBOOKS * 2} bytes, got {len(data)}")
+    return torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int64)).reshape(-1, CODEBOOKS)
+
+
+def past_to_wire(turn: PastTurn, nbytes: int) -> dict[str, Any]:
+    """One history turn's fields (its codes go in the binary frame that follows)."""
+    return {"role": turn.role, "text": turn.text, "text_ids": list(turn.text_ids),
+            "frames": turn.frames, "bytes": nbytes}
+
+
+def past_from_wire(msg: dict[str, Any], data: bytes | None) -> PastTurn:
+    try:
+        ids = tuple(int(i) for i in msg["text_ids"])
+        return PastTurn(str(msg["role"]), str(msg["text"]),
+                        codes_from_wire(data) if data else None, ids)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ProtocolError(f"malformed history turn: {exc!r}") from None
 
 
 def words_to_wire(words: list[WordTiming]) -> list[list[Any]]:

@@ -13,11 +13,9 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
-
-import numpy as np
-import torch
 
 from core import wire
 from core.audio import REFERENCE_MAX_SECONDS, AudioSource, inspect_audio
@@ -35,25 +33,34 @@ log = logging.getLogger("core.remote")
 class RemoteEngine:
     """A network engine with `Engine`'s public interface (docs/ARCHITECTURE.md).
 
-    `url` is the server's base, `http(s)://host:port` or `ws(s)://host:port`. `config` gives
-    the limits checked on this side before the first `welcome` (then the server's own
-    `max_text_chars`, `max_user_audio_s` and `cuttable_turns` replace them).
+    `url` is the server's base, `http(s)://host:port` or `ws(s)://host:port` (a load
+    balancer's or Ray Serve's), or a list of servers tried in turn when one is unreachable.
+    `config` gives the limits checked on this side before the first `welcome` (then the
+    server's own `max_text_chars`, `max_user_audio_s` and `cuttable_turns` replace them).
+
+    A conversation whose socket drops reconnects (backoff, for up to `reconnect_timeout_s`)
+    and is resumed by a server that still has it, or rebuilt by another from the history the
+    client holds; `on_reconnect(conv, resumed)` is called then, and the client logs it.
     """
 
-    def __init__(self, url: str, *, token: str, config: EngineConfig | None = None,
-                 voice_timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str | Sequence[str], *, token: str,
+                 config: EngineConfig | None = None, voice_timeout_s: float = 120.0,
+                 reconnect_timeout_s: float = 15.0,
+                 on_reconnect: Callable[[RemoteConversation, bool], None] | None = None) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("RemoteEngine needs the server's token")
-        parts = urlsplit(url.rstrip("/"))
-        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
-            raise ValueError(f"RemoteEngine url must be http(s):// or ws(s)://host:port, got {url!r}")
-        secure = parts.scheme in ("https", "wss")
-        self.http_url = urlunsplit(("https" if secure else "http", parts.netloc, parts.path, "", ""))
-        self.ws_url = urlunsplit(("wss" if secure else "ws", parts.netloc,
-                                  parts.path + "/v1/conversation", "", ""))
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("RemoteEngine needs at least one server url")
+        self.http_urls, self.ws_urls = zip(*(_urls(u) for u in urls), strict=True)
+        self.http_url, self.ws_url = self.http_urls[0], self.ws_urls[0]
         self.token = token
         self.config = config or EngineConfig()
         self._voice_timeout_s = voice_timeout_s
+        if not reconnect_timeout_s >= 0:
+            raise ValueError(f"reconnect_timeout_s must be >= 0, got {reconnect_timeout_s}")
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.on_reconnect = on_reconnect
         self._convs: list[RemoteConversation] = []
         self._closed = False
 
@@ -74,13 +81,16 @@ class RemoteEngine:
         self.check_voice(source, sample_rate)
         body, rate = await asyncio.to_thread(voice_body, source, sample_rate)
         query = "" if rate is None else "?" + urlencode({"sample_rate": rate})
-        try:
-            status, headers, data = await post(
-                f"{self.http_url}/v1/voices{query}", body,
-                {"Authorization": f"Bearer {self.token}",
-                 "Content-Type": "application/octet-stream"}, timeout_s=self._voice_timeout_s)
-        except (OSError, TimeoutError) as exc:
-            raise StreamFailed(f"voice upload to {self.http_url} failed: {exc!r}") from exc
+        for i, http_url in enumerate(self.http_urls):
+            try:
+                status, headers, data = await post(
+                    f"{http_url}/v1/voices{query}", body,
+                    {"Authorization": f"Bearer {self.token}",
+                     "Content-Type": "application/octet-stream"}, timeout_s=self._voice_timeout_s)
+                break
+            except (OSError, TimeoutError) as exc:
+                if i == len(self.http_urls) - 1:
+                    raise StreamFailed(f"voice upload to {http_url} failed: {exc!r}") from exc
         if status != 200:
             raise _http_error(status, data)
         return _voice_from(headers, data)
@@ -106,14 +116,15 @@ class RemoteEngine:
         """Close every conversation of this client (idempotent)."""
         self._closed = True
         for conv in self._convs:
-            conv._on_closed(EngineClosed("the engine was closed"))
+            conv._engine_closed()
             conv.close()
         self._convs.clear()
 
     async def aclose(self) -> None:
         convs = list(self._convs)
         self.close()
-        await asyncio.gather(*(c._conn.wait_closed() for c in convs), return_exceptions=True)
+        await asyncio.gather(*(c._conn.wait_closed() for c in convs if c._conn is not None),
+                             return_exceptions=True)
 
     @property
     def closed(self) -> bool:
@@ -146,14 +157,24 @@ class RemoteEngine:
             log.warning("ignoring the server's limits %r: %s", limits, exc)
 
 
+def _urls(url: str) -> tuple[str, str]:
+    """(http base, conversation socket url) of one server."""
+    parts = urlsplit(url.rstrip("/"))
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        raise ValueError(f"RemoteEngine url must be http(s):// or ws(s)://host:port, got {url!r}")
+    secure = parts.scheme in ("https", "wss")
+    return (urlunsplit(("https" if secure else "http", parts.netloc, parts.path, "", "")),
+            urlunsplit(("wss" if secure else "ws", parts.netloc, parts.path + "/v1/conversation",
+                        "", "")))
+
+
 def _voice_from(headers: dict[str, str], data: bytes) -> Voice:
     """A `Voice` from the answer to `POST /v1/voices`."""
     key, duration = headers.get("x-voice-key"), headers.get("x-voice-duration")
     row = NUM_CODEBOOKS * 2
     if not key or duration is None or not data or len(data) % row:
         raise StreamFailed("the server's voice answer is malformed")
-    codes = np.frombuffer(data, dtype="<i2").astype(np.int64).reshape(-1, NUM_CODEBOOKS)
-    return Voice(torch.from_numpy(codes), key, float(duration))
+    return Voice(wire.codes_from_wire(data), key, float(duration))
 
 
 def _http_error(status: int, data: bytes) -> Exception:

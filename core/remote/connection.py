@@ -29,7 +29,7 @@ CLOSE_WAIT_S = 5.0  # after `close`, how long the server gets to close the socke
 MAX_INCOMING_BYTES = 16 << 20
 SESSION_HEADER = "x-session-id"  # what a sticky router (Ray Serve's consistent hash) keys on
 
-_ANNOUNCES_BINARY = {"chunk": "bytes"}
+_ANNOUNCES_BINARY = {"chunk": "bytes", "past": "bytes"}
 
 
 class Connection:
@@ -49,6 +49,11 @@ class Connection:
     @property
     def started(self) -> bool:
         return self._task is not None
+
+    @property
+    def ended(self) -> bool:
+        """The socket is gone (or was closed before it opened): nothing more goes out."""
+        return self._ended
 
     def send(self, *items: Outgoing) -> None:
         """Queue frames (or a frame factory) to go out after everything queued before."""
@@ -148,6 +153,9 @@ class Connection:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
             if code == wire.CLOSE_UNAUTHORIZED:
                 raise ProtocolError("the server refused the token (close 4401)") from None
+            if code == wire.CLOSE_SUPERSEDED:  # two clients share a session id: never fight
+                raise ProtocolError("another connection with this session id took over the "
+                                    "conversation (close 4409)") from None
             if code in (wire.CLOSE_NORMAL, wire.CLOSE_GOING_AWAY) and self._closing:
                 return
             raise StreamFailed(f"the connection closed (code {code}"

@@ -4,30 +4,39 @@ Every call maps to one message, sent in call order, so the server's conversation
 requests in the order they were made, as an in-process one would. Checks that need no engine
 (user turn types, text length, audio header) run here, before anything is sent; refusals only
 the engine can make (AdmissionError, ...) end the turn's stream with the same class.
+
+The client keeps the history as the server reports it (`past` + `turns`: every turn as heard,
+with its codes). When the socket drops, it reconnects with backoff under the same session id:
+the server that still has the conversation resumes it; any other rebuilds it from that history
+(`rebuilds` counts it, and the client logs it). Turns that were already speaking end with
+`StreamFailed`; requests not answered yet are sent again on the new socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from core import wire
 from core.engine.conversation import UNCHANGED, NextTurnSettings, check_user_turn
 from core.engine.stream import AudioChunk, TurnStatus
-from core.errors import EngineClosed, ProtocolError, StreamCancelled, StreamFailed
+from core.errors import AdmissionError, EngineClosed, ProtocolError, StreamCancelled, StreamFailed
 from core.history import TurnView
 from core.remote.audio import user_pcm
 from core.remote.connection import Connection
 from core.remote.stream import RemoteTurnStream
-from core.values import SamplingParams, UserTurn, Voice
+from core.values import PastTurn, SamplingParams, UserTurn, Voice
 
 if TYPE_CHECKING:
     from core.remote.client import RemoteEngine
 
 log = logging.getLogger("core.remote")
 _STATUS = {s.value: s for s in (TurnStatus.FINISHED, TurnStatus.CANCELLED, TurnStatus.FAILED)}
+Frames = Callable[[], Awaitable[list[str | bytes]]]
 
 
 class RemoteConversation(NextTurnSettings):
@@ -39,28 +48,37 @@ class RemoteConversation(NextTurnSettings):
         self._engine = engine
         self.session_id = session_id  # routes every connection of this conversation alike
         self.server: str | None = None  # the id of the server that welcomed it last
+        self.rebuilds = 0  # times another server rebuilt it from the history held here
+        self.resumes = 0  # times a reconnect found it where it was
+        self._history: tuple[PastTurn, ...] = ()
         self._turns: tuple[TurnView, ...] = ()
+        self._past: dict[int, PastTurn] = {}  # this socket's refs -> turns
         self._streams: dict[int, RemoteTurnStream] = {}
         self._requests: dict[int, asyncio.Future[None]] = {}
+        # requests not answered yet, in call order: sent again on a new socket
+        self._unanswered: dict[int, Callable[[bool], None]] = {}
+        self._order = itertools.count()
         self._next_turn = self._next_request = 1
         self._voices_sent: set[str] = set()
-        self._fatal: BaseException | None = None  # why the socket is unusable
+        self._fatal: BaseException | None = None  # why this conversation is unusable
+        self._refusal: BaseException | None = None  # the server refused this socket's hello
+        self._conn: Connection | None = None
+        self._links = 0  # sockets opened
+        self._retry: asyncio.TimerHandle | None = None
+        self._lost_at: float | None = None  # first failure of the current reconnect
+        self._attempt = 0
         self.closed = False
-        self._conn = Connection(engine.ws_url, engine.token, self._on_message, self._on_closed,
-                                session_id=session_id)
-        self._send_voice(voice)
-        self._send({"type": "hello", "versions": [wire.VERSION], "session": session_id,
-                    "sampling": wire.sampling_to_wire(sampling),
-                    "voice": None if voice is None else voice.key})
-        try:
-            self._conn.start()
-        except RuntimeError:  # no running loop yet: opened by the first speak/add_user_turn
-            pass
+        self._connect(replay=False)
 
     @property
     def turns(self) -> tuple[TurnView, ...]:
         """The server's latest snapshot of the history."""
         return self._turns
+
+    @property
+    def history(self) -> tuple[PastTurn, ...]:
+        """The same turns with their codes (what a rebuild sends to the next server)."""
+        return self._history
 
     def speak(self, *, user: UserTurn | Sequence[UserTurn] = (), voice: Voice | None = UNCHANGED,
               sampling: SamplingParams | None = None) -> RemoteTurnStream:
@@ -72,19 +90,35 @@ class RemoteConversation(NextTurnSettings):
         msg: dict[str, Any] = {"type": "speak"}
         if voice is not UNCHANGED:
             self.set_voice(voice)
-            self._send_voice(self._voice)
             msg["voice"] = None if self._voice is None else self._voice.key
         if sampling is not None:
             self.set_sampling(sampling)
             msg["sampling"] = wire.sampling_to_wire(self._sampling)
         self._check_open()
-        turn = self._next_turn
-        self._next_turn += 1
-        stream = RemoteTurnStream(self, turn)
-        self._streams[turn] = stream
-        msg["turn"] = turn
-        self._send(self._with_audio(msg, "users", users))
-        self._start()
+        turn_voice = self._voice
+        stream = RemoteTurnStream(self, self._take_turn())
+        self._streams[stream.turn_id] = stream
+        order = next(self._order)
+
+        def send(replay: bool) -> None:
+            if stream.done:  # stopped while no socket was up: nothing to ask for
+                self._unanswered.pop(order, None)
+                return
+            if replay:  # a new socket numbers its turns after every earlier one
+                self._streams.pop(stream.turn_id, None)
+                stream.turn_id = self._take_turn()
+                self._streams[stream.turn_id] = stream
+            if "voice" in msg:
+                self._send_voice(turn_voice)
+            self._send(self._with_audio({**msg, "turn": stream.turn_id}, "users", users))
+            if replay:
+                if stream.text:
+                    self._send({"type": "text", "turn": stream.turn_id, "delta": stream.text})
+                if stream.text_ended:
+                    self._send({"type": "end_text", "turn": stream.turn_id})
+
+        stream._order = order
+        self._request(order, send)
         return stream
 
     async def add_user_turn(self, text: str = "", audio: Any = None,
@@ -98,8 +132,13 @@ class RemoteConversation(NextTurnSettings):
         self._next_request += 1
         reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._requests[request] = reply
-        self._send(self._with_audio({"type": "add_user", "request": request}, None, (user,)))
-        self._start()
+        order = next(self._order)
+
+        def send(replay: bool) -> None:
+            self._send(self._with_audio({"type": "add_user", "request": request}, None, (user,)))
+
+        reply.add_done_callback(lambda _: self._unanswered.pop(order, None))
+        self._request(order, send)
         await reply
 
     def close(self) -> None:
@@ -107,13 +146,17 @@ class RemoteConversation(NextTurnSettings):
         if self.closed:
             return
         self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         self._fail_all(StreamCancelled("the conversation was closed"))
-        self._send({"type": "close"})
-        self._conn.close()
+        if self._conn is not None:
+            self._send({"type": "close"})
+            self._conn.close()
 
     async def aclose(self) -> None:
         self.close()
-        await self._conn.wait_closed()
+        if self._conn is not None:
+            await self._conn.wait_closed()
 
     async def __aenter__(self) -> RemoteConversation:
         return self
@@ -121,13 +164,69 @@ class RemoteConversation(NextTurnSettings):
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    # -- sending ----------------------------------------------------------------------------
+    # -- sockets ----------------------------------------------------------------------------
+    def _connect(self, *, replay: bool) -> None:
+        """Open a socket: `voice` + `hello` (with the history when this is not the first),
+        then every unanswered request, in order."""
+        self._retry = None
+        self._links += 1
+        self._refusal = None
+        self._voices_sent = set()
+        self._past = {}
+        url = self._engine.ws_urls[(self._links - 1 + self._attempt) % len(self._engine.ws_urls)]
+        conn = Connection(url, self._engine.token, self._on_message,
+                          lambda error: self._on_closed(conn, error), session_id=self.session_id)
+        self._conn = conn
+        self._send_voice(self._voice)
+        hello: dict[str, Any] = {
+            "type": "hello", "versions": [wire.VERSION], "session": self.session_id,
+            "sampling": wire.sampling_to_wire(self._sampling),
+            "voice": None if self._voice is None else self._voice.key,
+            "turn_base": self._next_turn - 1}
+        blobs = []
+        if self._history:
+            hello["history"] = []
+            for turn in self._history:
+                codes = wire.codes_to_wire(turn.codes)
+                item = wire.past_to_wire(turn, len(codes))
+                del item["bytes"]
+                hello["history"].append(item)
+                if codes:
+                    blobs.append(codes)
+        self._send(hello)
+        conn.send(*blobs)
+        for send in list(self._unanswered.values()):
+            send(True)
+        try:
+            conn.start()
+        except RuntimeError:  # no running loop yet: opened by the first speak/add_user_turn
+            if replay:
+                raise
+
+    def _request(self, order: int, send: Callable[[bool], None]) -> None:
+        """Send a request now, or on the next socket when none is up."""
+        self._unanswered[order] = send
+        conn = self._conn
+        if conn is not None and not conn.ended:
+            send(False)
+            self._start()
+        elif self._retry is None:  # no reconnect under way: open one now (it sends this too)
+            self._attempt, self._lost_at = 0, None
+            self._start_connect()
+
+    def _start_connect(self) -> None:
+        try:
+            self._connect(replay=True)
+        except RuntimeError:
+            raise RuntimeError("a RemoteConversation is used from a running asyncio loop") from None
+
     def _send(self, item: dict[str, Any] | Any) -> None:
-        self._conn.send(wire.dumps(item) if isinstance(item, dict) else item)
+        if self._conn is not None:
+            self._conn.send(wire.dumps(item) if isinstance(item, dict) else item)
 
     def _start(self) -> None:
         try:
-            self._conn.start()
+            self._conn.start()  # type: ignore[union-attr]
         except RuntimeError:
             raise RuntimeError("a RemoteConversation is used from a running asyncio loop") from None
 
@@ -136,12 +235,15 @@ class RemoteConversation(NextTurnSettings):
         if voice is None or voice.key in self._voices_sent:
             return
         self._voices_sent.add(voice.key)
-        codes = voice.codes.numpy().astype("<i2").tobytes()
         self._send({"type": "voice", "key": voice.key, "frames": int(voice.codes.shape[0])})
-        self._conn.send(codes)
+        self._send(wire.codes_to_wire(voice.codes))
+
+    def _take_turn(self) -> int:
+        turn, self._next_turn = self._next_turn, self._next_turn + 1
+        return turn
 
     def _with_audio(self, msg: dict[str, Any], field: str | None,
-                    users: tuple[UserTurn, ...]) -> Callable[[], Awaitable[list[str | bytes]]]:
+                    users: tuple[UserTurn, ...]) -> Frames:
         """A frame factory: user audio becomes int16 PCM off the loop's thread, then the
         message and its binary frames go out together, in call order."""
         max_s = self._engine.config.max_user_audio_s
@@ -176,17 +278,27 @@ class RemoteConversation(NextTurnSettings):
         if kind == "chunk":
             stream = self._streams.get(msg.get("turn"))  # type: ignore[arg-type]
             if stream is not None:
+                self._unanswered.pop(stream._order, None)  # speaking: never sent again
                 stream._put(AudioChunk(data or b"", wire.SAMPLE_RATE, float(msg["start_s"]),
                                        float(msg["duration_s"]), wire.words_from_wire(msg["words"]),
                                        bool(msg["final"])))
         elif kind == "turn_end":
             stream = self._streams.pop(msg.get("turn"), None)  # type: ignore[arg-type]
             if stream is not None:
+                self._unanswered.pop(stream._order, None)
                 status = _STATUS.get(msg.get("status"), TurnStatus.FAILED)  # type: ignore[arg-type]
                 error = None if msg.get("error") is None else wire.error_from(msg["error"])
                 stream._end(status, error, msg)
+        elif kind == "past":
+            self._past[int(msg["ref"])] = wire.past_from_wire(msg, data)
         elif kind == "turns":
-            self._turns = wire.turns_from_wire(msg.get("turns"))
+            turns = wire.turns_from_wire(msg.get("turns"))
+            try:
+                self._history = tuple(self._past[ref] for _, ref in turns)
+            except KeyError as exc:
+                raise ProtocolError(f"'turns' names a turn no 'past' carried: {exc}") from None
+            self._turns = tuple(view for view, _ in turns)
+            self._past = {ref: self._past[ref] for _, ref in turns}
         elif kind == "user_added":
             reply = self._requests.pop(msg.get("request"), None)  # type: ignore[arg-type]
             if reply is not None and not reply.done():
@@ -195,25 +307,78 @@ class RemoteConversation(NextTurnSettings):
                 else:
                     reply.set_exception(wire.error_from(msg["error"]))
         elif kind == "welcome":
-            self.server = msg.get("server")
-            self._engine._apply_limits(msg.get("limits"))
+            self._welcomed(msg)
         elif kind == "error":
             error = wire.error_from(msg.get("error"))
             stream = self._streams.get(msg.get("turn"))  # type: ignore[arg-type]
             if stream is not None:
                 stream._refused(error)
-            else:
-                self._fatal = error
+            else:  # a refused hello, or an error that ends the socket: it closes next
+                self._refusal = error
                 log.warning("the engine server reported: %r", error)
 
-    def _on_closed(self, error: BaseException | None) -> None:
-        """The socket ended: what is still open ends with the reason."""
-        if self._fatal is None:
-            self._fatal = error or (EngineClosed("the engine was closed") if self._engine.closed
-                                    else StreamFailed("the connection to the engine closed"))
+    def _welcomed(self, msg: dict[str, Any]) -> None:
+        previous, self.server = self.server, msg.get("server")
+        self._attempt, self._lost_at = 0, None
+        self._engine._apply_limits(msg.get("limits"))
+        if self._links == 1 and not msg.get("resumed"):
+            return
+        if msg.get("resumed"):
+            self.resumes += 1
+            log.info("conversation %s resumed on %s", self.session_id, self.server)
+        else:
+            self.rebuilds += 1
+            log.warning("conversation %s rebuilt on server %s from %d turns (it was on %s)",
+                        self.session_id, self.server, len(self._history), previous)
+        if self._engine.on_reconnect is not None:
+            self._engine.on_reconnect(self, bool(msg.get("resumed")))
+
+    def _on_closed(self, conn: Connection, error: BaseException | None) -> None:
+        """A socket ended: turns already speaking end with the reason; unless the end is for
+        good (closed here, a protocol error, a refused token), reconnect and send again what
+        is unanswered."""
+        if conn is not self._conn:
+            return
+        error = self._refusal or error
+        if self.closed:
+            return
+        if self._engine.closed:
+            self._fatal = EngineClosed("the engine was closed")
+        elif isinstance(error, ProtocolError):
+            self._fatal = error
+        if self._fatal is not None:
+            self._fail_all(self._fatal)
+            return
+        if isinstance(error, AdmissionError):  # a full or draining server: the next request tries again
+            self._fail_all(error)
+            return
+        lost = StreamFailed(f"the connection to the engine server was lost mid-turn "
+                            f"({error or 'closed'}); the conversation continues on a new one")
+        for stream in [s for s in self._streams.values() if s.status is TurnStatus.ACTIVE]:
+            self._streams.pop(stream.turn_id, None)
+            stream._end(TurnStatus.FAILED, lost)
+        now = time.monotonic()
+        self._lost_at = self._lost_at or now
+        if not self._unanswered and self.server is not None and self._attempt == 0:
+            return  # nothing waits: the next request reconnects
+        if now - self._lost_at > self._engine.reconnect_timeout_s:
+            self._fail_all(StreamFailed(f"no engine server answered for "
+                                        f"{self._engine.reconnect_timeout_s:g} s: {error}"))
+            return
+        delay = 0.0 if self._attempt == 0 else min(0.05 * 2 ** self._attempt, 2.0)
+        self._attempt += 1
+        self._retry = asyncio.get_running_loop().call_later(delay, self._start_connect)
+
+    def _engine_closed(self) -> None:
+        """The client was closed: everything open ends with EngineClosed."""
+        self._fatal = EngineClosed("the engine was closed")
+        if self._retry is not None:
+            self._retry.cancel()
         self._fail_all(self._fatal)
 
     def _fail_all(self, error: BaseException) -> None:
+        self._unanswered.clear()
+        self._attempt, self._lost_at = 0, None
         streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream._end(TurnStatus.CANCELLED if isinstance(error, StreamCancelled)

@@ -28,7 +28,8 @@ class RemoteTurnStream:
 
     def __init__(self, conv: RemoteConversation, turn_id: int) -> None:
         self._conv = conv
-        self.turn_id = turn_id
+        self.turn_id = turn_id  # renumbered when the request is sent again on a new socket
+        self._order = -1  # the request's place among its conversation's requests
         self._lock = threading.Lock()
         self._parts: list[str] = []
         self._chars = 0

@@ -19,8 +19,9 @@ from core.server import metrics
 from core.server.auth import token_matches
 from core.server.control import ServerControl
 from core.server.limits import ServerLimits
+from core.server.parked import SessionTable
 from core.server.session import Session
-from core.server.voices import VoiceRegistry, codes_to_wire
+from core.server.voices import VoiceRegistry
 
 
 def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None,
@@ -32,6 +33,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
     limits = limits or ServerLimits()
     control = control or ServerControl()
     voices = VoiceRegistry(limits.voice_registry_size)
+    sessions = SessionTable(limits.resume_grace_s)
     app = FastAPI(title="moss-tts engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.control = control
 
@@ -77,7 +79,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
         except EngineClosed as exc:
             return _error(503, exc)
         voices.add(voice)
-        return Response(codes_to_wire(voice), media_type="application/octet-stream",
+        return Response(wire.codes_to_wire(voice.codes), media_type="application/octet-stream",
                         headers={"X-Voice-Key": voice.key,
                                  "X-Voice-Duration": repr(voice.duration_s)})
 
@@ -88,7 +90,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
             await ws.close(wire.CLOSE_UNAUTHORIZED, "missing or wrong token")
             return
         await ws.accept()
-        await Session(ws, engine, limits, voices, control).run()
+        await Session(ws, engine, limits, voices, control, sessions).run()
 
     return app
 

@@ -21,6 +21,8 @@ class ServerLimits:
         max_users_per_speak: user turns one `speak` may carry.
         kept_turns: a socket's turns whose streams stay addressable by `played` (a late
             `mark_played` on an older turn is ignored, as the engine itself would).
+        resume_grace_s: how long the conversation of a socket that dropped (no `close`) waits
+            for its session's next socket before it is closed.
     """
 
     max_message_bytes: int = 4 << 20
@@ -29,6 +31,7 @@ class ServerLimits:
     voice_registry_size: int = 256
     max_users_per_speak: int = 64
     kept_turns: int = 64
+    resume_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_voice_bytes", "voice_registry_size",
@@ -36,5 +39,6 @@ class ServerLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, got {value!r}")
-        if not self.idle_timeout_s > 0:
-            raise ValueError(f"ServerLimits.idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+        for name in ("idle_timeout_s", "resume_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerLimits.{name} must be > 0, got {getattr(self, name)}")

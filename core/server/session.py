@@ -25,12 +25,14 @@ from core.engine.stream import AudioChunk, TurnStatus, TurnStream, _check_played
 from core.errors import AdmissionError, EngineClosed, MossError, ProtocolError, StreamFailed
 from core.server.control import ServerControl
 from core.server.limits import ServerLimits
+from core.server.parked import Parked, SessionTable
 from core.server.voices import MAX_VOICE_FRAMES, VoiceRegistry
-from core.values import UserTurn, Voice
+from core.values import PastTurn, UserTurn, Voice
 
 log = logging.getLogger("core.server")
-TURNS_POLL_S = 0.02  # how often a history change with no event of its own is looked for
 MAX_KEY_CHARS = 256
+MAX_SESSION_CHARS = 128
+MAX_HISTORY_TURNS = 1024  # turns a `hello` may bring (a rebuilt conversation's history)
 MAX_SOCKET_VOICES = 32  # voices one socket may name at once (oldest forgotten first)
 
 
@@ -54,9 +56,17 @@ class Session:
     """The server side of one conversation socket."""
 
     def __init__(self, ws: WebSocket, engine: Engine, limits: ServerLimits,
-                 voices: VoiceRegistry, control: ServerControl) -> None:
+                 voices: VoiceRegistry, control: ServerControl, table: SessionTable) -> None:
         self.ws, self.engine, self.limits, self.voices = ws, engine, limits, voices
-        self.control = control
+        self.control, self.table = control, table
+        self.session_id: str | None = None
+        self.serve_task: asyncio.Task[None] | None = None
+        self.superseded = False
+        self.handed: Parked | None = None  # what a takeover gets
+        self.keep = False  # the socket dropped: park the conversation for a reconnect
+        self.sent_s: dict[int, float] = {}  # audio sent per turn: what the listener may have
+        self.turns_changed = asyncio.Event()
+        self.cleaned_up = asyncio.Event()
         self.conv: Conversation | None = None
         self.local_voices: dict[str, Voice] = {}  # keys this socket sent -> their voices
         self.streams: OrderedDict[int, TurnStream] = OrderedDict()
@@ -64,20 +74,29 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.busy: set[asyncio.Task[None]] = set()  # turns and user turns not answered yet
         self.send_lock = asyncio.Lock()
-        self.sent_turns: tuple[Any, ...] | None = None
+        self.sent_history: tuple[PastTurn, ...] | None = None
+        self.refs: dict[int, tuple[PastTurn, int]] = {}  # id(turn) -> (turn, its ref)
+        self.next_ref = 1
 
     async def run(self) -> None:
         """Serve the socket until it closes; never raises."""
         code, reason = wire.CLOSE_NORMAL, ""
+        self.serve_task = asyncio.create_task(self._serve())
         try:
-            await self._serve()
+            try:
+                await asyncio.shield(self.serve_task)
+            except asyncio.CancelledError:
+                if not self.superseded:
+                    self.serve_task.cancel()
+                    raise
+                code, reason, self.keep = wire.CLOSE_SUPERSEDED, "superseded", True
         except ProtocolError as exc:  # wire.* and the registry raise it too (code 1008)
             await self._send_quietly({"type": "error", "error": wire.error_object(exc)})
             code, reason = getattr(exc, "code", wire.CLOSE_POLICY), "protocol error"
         except _Close as exc:
             code, reason = exc.code, exc.reason
         except WebSocketDisconnect:
-            code = -1
+            code, self.keep = -1, True
         except Exception:  # a bug: this socket ends, the server and the others go on
             log.exception("conversation socket failed")
             code, reason = 1011, "internal error"
@@ -131,6 +150,15 @@ class Session:
             raise _Fault(f"expected a binary frame of {nbytes} bytes")
         return frame
 
+    async def hand_over(self) -> Parked | None:
+        """A newer socket of this session takes over: end this one, keep its conversation."""
+        self.superseded = True
+        task = self.serve_task
+        if task is not None and not task.done():
+            task.cancel()
+        await self.cleaned_up.wait()  # run() parks the conversation into `handed`
+        return self.handed
+
     # -- handlers ---------------------------------------------------------------------------
     async def _hello(self, msg: dict[str, Any]) -> None:
         if self.conv is not None:
@@ -141,10 +169,28 @@ class Session:
         raw = msg.get("sampling")
         sampling = None if raw is None else wire.sampling_from_wire(raw)
         voice = self._voice(msg.get("voice"))
+        session_id = wire.get_str(msg, "session", max_len=MAX_SESSION_CHARS, optional=True)
+        turn_base = wire.get_int(msg, "turn_base", optional=True) or 0
+        history = await self._history(msg.get("history"))
+        parked = None
+        if session_id:
+            self.session_id = session_id
+            parked = await self.table.claim(session_id, self)
         try:
-            if self.control.draining:
+            if parked is not None:
+                self.conv = parked.conv
+                if turn_base >= parked.last_turn:  # the same client: its old turns stay its own
+                    self.streams = parked.streams
+                self.last_turn = turn_base
+            elif self.control.draining:
                 raise AdmissionError("this server is draining: it takes no new conversations")
-            self.conv = self.engine.conversation(voice=voice, sampling=sampling)
+            else:
+                try:
+                    self.conv = self.engine.conversation(voice=voice, sampling=sampling,
+                                                         history=history)
+                except (TypeError, ValueError) as exc:
+                    raise _Fault(f"unusable history: {exc}") from None
+                self.last_turn = turn_base
         except (AdmissionError, EngineClosed) as exc:
             await self._send({"type": "error", "error": wire.error_object(exc)})
             code = wire.CLOSE_TRY_LATER if isinstance(exc, AdmissionError) else \
@@ -158,9 +204,42 @@ class Session:
                        "max_user_audio_s": cfg.max_user_audio_s,
                        "cuttable_turns": cfg.cuttable_turns,
                        "max_message_bytes": self.limits.max_message_bytes},
-            "sampling": wire.sampling_to_wire(self.conv.sampling)})
-        self.sent_turns = self.conv.turns  # empty: nothing to announce yet
+            "sampling": wire.sampling_to_wire(self.conv.sampling),
+            "resumed": parked is not None})
+        if not self.conv.history:
+            self.sent_history = self.conv.history  # empty: nothing to announce yet
+        loop = asyncio.get_running_loop()
+
+        def changed() -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # this loop is gone
+                loop.call_soon_threadsafe(self.turns_changed.set)
+
+        self.conv.on_turns_changed(changed)
+        self.turns_changed.set()
         self._spawn(self._watch_turns(), busy=False)
+
+    async def _history(self, items: object) -> list[PastTurn]:
+        """A `hello`'s history (a conversation rebuilt from what its client held), with the
+        codes frame each turn announced."""
+        if items is None:
+            return []
+        if not isinstance(items, list) or len(items) > MAX_HISTORY_TURNS:
+            raise _Fault(f"'history' must be a list of at most {MAX_HISTORY_TURNS} turns")
+        turns = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise _Fault("a history turn must be an object")
+            role = wire.get_str(item, "role", max_len=16)
+            text = wire.get_str(item, "text", max_len=self.limits.max_message_bytes)
+            ids = wire.get_list(item, "text_ids", max_len=self.limits.max_message_bytes // 4)
+            if not all(type(i) is int for i in ids):
+                raise _Fault("'text_ids' must be ints")
+            frames = wire.get_int(item, "frames", high=self.limits.max_message_bytes // 32)
+            codes = None
+            if frames:
+                codes = wire.codes_from_wire(await self._binary(frames * wire.CODEBOOKS * 2))
+            turns.append(PastTurn(role or "", text or "", codes, tuple(ids)))
+        return turns
 
     async def _voice_msg(self, msg: dict[str, Any]) -> None:
         key = wire.get_str(msg, "key", max_len=MAX_KEY_CHARS)
@@ -257,6 +336,7 @@ class Session:
         with contextlib.suppress(Exception):  # the turn's own error is `stream.error`
             async for chunk in stream:
                 await self._send(_chunk(turn, chunk), chunk.pcm or None)
+                self.sent_s[turn] = chunk.start_s + chunk.duration_s
         status, error = stream.status, stream.error
         if status is TurnStatus.FINISHED:
             error = None
@@ -276,7 +356,8 @@ class Session:
     async def _watch_turns(self) -> None:
         """History changes that have no message of their own (a stop, a late mark_played)."""
         while True:
-            await asyncio.sleep(TURNS_POLL_S)
+            await self.turns_changed.wait()
+            self.turns_changed.clear()
             await self._send(None, turns_first=True)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -301,14 +382,31 @@ class Session:
         """Frames of one message, never interleaved with another's; with `turns_first`, a
         changed history goes out before it (so `turn_end` arrives after its `turns`)."""
         async with self.send_lock:
-            if turns_first and self.conv is not None and self.conv.turns is not self.sent_turns:
-                self.sent_turns = self.conv.turns
-                await self.ws.send_text(wire.dumps(
-                    {"type": "turns", "turns": wire.turns_to_wire(self.sent_turns)}))
+            if turns_first and self.conv is not None and self.conv.history is not self.sent_history:
+                await self._send_history(self.conv.history)
             if msg is not None:
                 await self.ws.send_text(wire.dumps(msg))
             if binary:
                 await self.ws.send_bytes(binary)
+
+    async def _send_history(self, history: tuple[PastTurn, ...]) -> None:
+        """`past` for each turn this socket has not sent yet (its codes), then `turns`."""
+        refs: dict[int, tuple[PastTurn, int]] = {}
+        for turn in history:
+            known = self.refs.get(id(turn))
+            if known is None:
+                known = (turn, self.next_ref)
+                self.next_ref += 1
+                codes = wire.codes_to_wire(turn.codes)
+                await self.ws.send_text(wire.dumps({"type": "past", "ref": known[1],
+                                                    **wire.past_to_wire(turn, len(codes))}))
+                if codes:
+                    await self.ws.send_bytes(codes)
+            refs[id(turn)] = known
+        self.refs, self.sent_history = refs, history
+        await self.ws.send_text(wire.dumps({"type": "turns", "turns": [
+            {"role": t.role, "text": t.text, "frames": t.frames, "ref": refs[id(t)][1]}
+            for t in history]}))
 
     async def _send_quietly(self, msg: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -331,12 +429,29 @@ class Session:
             log.debug("socket task ended: %r", exc)
 
     async def _cleanup(self) -> None:
+        """Turn tasks end; a dropped socket's conversation is parked for its session's next
+        socket (its running turns stopped where the listener may have heard them), any other
+        is closed."""
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.conv is not None:
-            self.conv.close()
+        conv, parked = self.conv, None
+        if conv is not None:
+            conv.on_turns_changed(None)
+            if self.keep and self.session_id and not conv.closed and not self.engine.closed:
+                for turn, stream in self.streams.items():
+                    if not stream.done:
+                        stream.cancel(self.sent_s.get(turn, 0.0))
+                parked = Parked(conv, self.streams, self.last_turn)
+        if self.session_id:
+            if self.superseded:
+                self.handed = parked
+            else:
+                self.table.release(self.session_id, self, parked)
+        if conv is not None and parked is None:
+            conv.close()
+        self.cleaned_up.set()
 
 
 def _played(value: object) -> float | None:

@@ -12,9 +12,9 @@ import hashlib
 import threading
 from collections import OrderedDict
 
-import numpy as np
 import torch
 
+from core import wire
 from core.audio import REFERENCE_MAX_SECONDS
 from core.errors import ProtocolError
 from core.model.config import AUDIO_PAD_CODE
@@ -51,8 +51,7 @@ class VoiceRegistry:
         if len(data) != frames * NUM_CODEBOOKS * 2:
             raise ProtocolError(f"voice codes need {frames * NUM_CODEBOOKS * 2} bytes, "
                                 f"got {len(data)}")
-        codes = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int64))
-        codes = codes.reshape(frames, NUM_CODEBOOKS)
+        codes = wire.codes_from_wire(data)
         if int(codes.min()) < 0 or int(codes.max()) >= AUDIO_PAD_CODE:
             raise ProtocolError(f"voice codes must be in [0, {AUDIO_PAD_CODE})")
         known = self.get(key)
@@ -63,7 +62,3 @@ class VoiceRegistry:
         self.add(voice)
         return voice
 
-
-def codes_to_wire(voice: Voice) -> bytes:
-    """Little-endian int16 `[frames, 16]`, row major."""
-    return voice.codes.numpy().astype("<i2").tobytes()
