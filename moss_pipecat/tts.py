@@ -111,6 +111,7 @@ class MossTTSService(TTSService):
         text_aggregation_mode: TextAggregationMode = TextAggregationMode.TOKEN,
         fade_out_ms: float = 8.0,
         output_chunk_ms: float = 40.0,
+        session_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Create the service.
@@ -128,6 +129,9 @@ class MossTTSService(TTSService):
                 SENTENCE buffers whole sentences first (adds ~200-300 ms per sentence).
             fade_out_ms: Length of the fade applied to the last audio on interruption.
             output_chunk_ms: The output transport's chunk length (`audio_out_10ms_chunks` x 10).
+            session_id: The call's id. With a `RemoteEngine` it routes every connection of the
+                call to the same server (a sticky router), and a restarted bot process that
+                passes the same id finds its conversation there (default: a random id).
             **kwargs: Passed to `TTSService` (e.g. `sample_rate`, `text_transforms`).
         """
         if (engine is None) == (model is None):
@@ -164,6 +168,7 @@ class MossTTSService(TTSService):
         self._engine: EngineLike = engine
         self._conv: Conversation | RemoteConversation | None = None
         self._conv_closed = False
+        self._session_id = session_id
         self._voice: Voice | None = None  # the loaded voice setting (loaded when it is set)
         self._turns: dict[str, EngineTurn] = {}
         self._latest: EngineTurn | None = None
@@ -532,7 +537,8 @@ class MossTTSService(TTSService):
             raise MossError(f"{self} was stopped; its conversation is closed")
         if self._conv is None:
             self._conv = self._engine.conversation(
-                voice=self._voice, sampling=_sampling_from(self._settings))
+                voice=self._voice, sampling=_sampling_from(self._settings),
+                session_id=self._session_id)
         return self._conv
 
     async def _load_voice(self, voice: str | None) -> Voice | None:

@@ -95,6 +95,7 @@ class Conversation(NextTurnSettings):
         super().__init__(voice, sampling)
         self._inbox, self.conv_id, self._view = inbox, conv_id, view
         self._config, self._encode_user = config, encode_user
+        self.session_id = f"local-{conv_id}"  # the caller's name for it (Engine.conversation)
         self.closed = False
 
     @property

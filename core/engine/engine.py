@@ -125,10 +125,11 @@ class Engine:
 
     def conversation(
         self, voice: Voice | None = None, sampling: SamplingParams | None = None,
-        history: Sequence[PastTurn] = (),
+        history: Sequence[PastTurn] = (), *, session_id: str | None = None,
     ) -> Conversation:
         """Open a conversation (one room / call); `history` continues one that another engine
-        had (its `Conversation.history`: the turns as heard, with their codes).
+        had (its `Conversation.history`: the turns as heard, with their codes). `session_id`
+        names it (a remote engine routes by it; here it is only a label).
 
         Raises:
             AdmissionError: `max_conversations` are already open.
@@ -142,8 +143,10 @@ class Engine:
         conv_id = self._inbox.open_conversation()
         view = TurnsView(past.view(), past.past())
         self._inbox.post(OpenConversation(conv_id, past, sampling, view))
-        return Conversation(self._inbox, conv_id, view, voice=voice, sampling=sampling,
+        conv = Conversation(self._inbox, conv_id, view, voice=voice, sampling=sampling,
                             config=self.config, encode_user=self._encode_user)
+        conv.session_id = session_id or f"local-{conv_id}"
+        return conv
 
     def stats(self) -> EngineStats:
         """Counters and recent performance (any thread)."""

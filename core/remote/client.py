@@ -25,7 +25,7 @@ from core.errors import EngineClosed, InvalidAudioError, StreamFailed
 from core.remote.audio import voice_body
 from core.remote.conversation import RemoteConversation
 from core.remote.post import post
-from core.values import NUM_CODEBOOKS, SamplingParams, Voice
+from core.values import PastTurn, SamplingParams, Voice
 
 log = logging.getLogger("core.remote")
 
@@ -97,17 +97,20 @@ class RemoteEngine:
 
     # -- conversations ----------------------------------------------------------------------
     def conversation(self, voice: Voice | None = None, sampling: SamplingParams | None = None,
-                     *, session_id: str | None = None) -> RemoteConversation:
+                     history: Sequence[PastTurn] = (), *,
+                     session_id: str | None = None) -> RemoteConversation:
         """Open a conversation (its socket opens in the background on the running loop; a
         full server ends its first turn with `AdmissionError`). `session_id` (default: a
         random one) is sent with every connection of the conversation, so a sticky router
-        sends its reconnects to the same server (LiveKit: the job id; Pipecat: the call id)."""
+        sends its reconnects to the same server (LiveKit: the job id; Pipecat: the call id).
+        `history` continues a conversation another engine had (as `Engine.conversation`)."""
         self._check_open()
         if session_id is not None and (not isinstance(session_id, str)
                                        or not 0 < len(session_id) <= 128):
             raise ValueError(f"session_id must be a string of 1..128 characters, got {session_id!r}")
         conv = RemoteConversation(self, *opening_settings(voice, sampling),
-                                  session_id=session_id or uuid.uuid4().hex)
+                                  session_id=session_id or uuid.uuid4().hex,
+                                  history=_checked_history(history))
         self._convs = [c for c in self._convs if not c.closed]
         self._convs.append(conv)
         return conv
@@ -157,6 +160,17 @@ class RemoteEngine:
             log.warning("ignoring the server's limits %r: %s", limits, exc)
 
 
+def _checked_history(history: Sequence[PastTurn]) -> tuple[PastTurn, ...]:
+    """What can be checked without the model (the server checks ids and code ranges)."""
+    turns = tuple(history)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, PastTurn):
+            raise TypeError(f"history[{i}] must be a PastTurn, got {type(turn).__name__}")
+        if turn.role not in ("user", "assistant"):
+            raise ValueError(f"history[{i}].role must be 'user' or 'assistant', got {turn.role!r:.40}")
+    return turns
+
+
 def _urls(url: str) -> tuple[str, str]:
     """(http base, conversation socket url) of one server."""
     parts = urlsplit(url.rstrip("/"))
@@ -171,7 +185,7 @@ def _urls(url: str) -> tuple[str, str]:
 def _voice_from(headers: dict[str, str], data: bytes) -> Voice:
     """A `Voice` from the answer to `POST /v1/voices`."""
     key, duration = headers.get("x-voice-key"), headers.get("x-voice-duration")
-    row = NUM_CODEBOOKS * 2
+    row = wire.CODEBOOKS * 2
     if not key or duration is None or not data or len(data) % row:
         raise StreamFailed("the server's voice answer is malformed")
     return Voice(wire.codes_from_wire(data), key, float(duration))

@@ -42,16 +42,16 @@ Frames = Callable[[], Awaitable[list[str | bytes]]]
 class RemoteConversation(NextTurnSettings):
     """One room or call on a remote engine; use it from one asyncio loop."""
 
-    def __init__(self, engine: RemoteEngine, voice: Voice | None,
-                 sampling: SamplingParams, session_id: str) -> None:
+    def __init__(self, engine: RemoteEngine, voice: Voice | None, sampling: SamplingParams,
+                 session_id: str, history: tuple[PastTurn, ...] = ()) -> None:
         super().__init__(voice, sampling)
         self._engine = engine
         self.session_id = session_id  # routes every connection of this conversation alike
         self.server: str | None = None  # the id of the server that welcomed it last
         self.rebuilds = 0  # times another server rebuilt it from the history held here
         self.resumes = 0  # times a reconnect found it where it was
-        self._history: tuple[PastTurn, ...] = ()
-        self._turns: tuple[TurnView, ...] = ()
+        self._history = history  # sent with every hello until the server reports its own
+        self._turns = tuple(TurnView(t.role, t.text, t.frames) for t in history)
         self._past: dict[int, PastTurn] = {}  # this socket's refs -> turns
         self._streams: dict[int, RemoteTurnStream] = {}
         self._requests: dict[int, asyncio.Future[None]] = {}
@@ -183,7 +183,7 @@ class RemoteConversation(NextTurnSettings):
             "sampling": wire.sampling_to_wire(self._sampling),
             "voice": None if self._voice is None else self._voice.key,
             "turn_base": self._next_turn - 1}
-        blobs = []
+        blobs: list[str | bytes] = []
         if self._history:
             hello["history"] = []
             for turn in self._history:
