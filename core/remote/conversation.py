@@ -57,6 +57,7 @@ class RemoteConversation(NextTurnSettings):
         self._requests: dict[int, asyncio.Future[None]] = {}
         # requests not answered yet, in call order: sent again on a new socket
         self._unanswered: dict[int, Callable[[bool], None]] = {}
+        self._carried: tuple[UserTurn, ...] = ()  # user turns of replies the server refused
         self._order = itertools.count()
         self._next_turn = self._next_request = 1
         self._voices_sent: set[str] = set()
@@ -87,6 +88,8 @@ class RemoteConversation(NextTurnSettings):
         users = (user,) if isinstance(user, UserTurn) else tuple(user)
         for u in users:
             check_user_turn(u, self._engine.config)
+        self._check_open()
+        users, self._carried = self._carried + users, ()
         msg: dict[str, Any] = {"type": "speak"}
         if voice is not UNCHANGED:
             self.set_voice(voice)
@@ -94,7 +97,6 @@ class RemoteConversation(NextTurnSettings):
         if sampling is not None:
             self.set_sampling(sampling)
             msg["sampling"] = wire.sampling_to_wire(self._sampling)
-        self._check_open()
         turn_voice = self._voice
         stream = RemoteTurnStream(self, self._take_turn())
         self._streams[stream.turn_id] = stream
@@ -117,7 +119,7 @@ class RemoteConversation(NextTurnSettings):
                 if stream.text_ended:
                     self._send({"type": "end_text", "turn": stream.turn_id})
 
-        stream._order = order
+        stream._order, stream._users = order, users
         self._request(order, send)
         return stream
 
@@ -288,6 +290,8 @@ class RemoteConversation(NextTurnSettings):
                 self._unanswered.pop(stream._order, None)
                 status = _STATUS.get(msg.get("status"), TurnStatus.FAILED)  # type: ignore[arg-type]
                 error = None if msg.get("error") is None else wire.error_from(msg["error"])
+                if isinstance(error, AdmissionError):  # refused before it began
+                    self._carried += stream._users
                 stream._end(status, error, msg)
         elif kind == "past":
             self._past[int(msg["ref"])] = wire.past_from_wire(msg, data)
@@ -349,7 +353,10 @@ class RemoteConversation(NextTurnSettings):
         if self._fatal is not None:
             self._fail_all(self._fatal)
             return
-        if isinstance(error, AdmissionError):  # a full or draining server: the next request tries again
+        if isinstance(error, AdmissionError):  # a full or draining server: the next request tries
+            for stream in self._streams.values():  # again, with the user turns of these
+                if stream._order in self._unanswered:
+                    self._carried += stream._users
             self._fail_all(error)
             return
         lost = StreamFailed(f"the connection to the engine server was lost mid-turn "

@@ -30,6 +30,7 @@ class RemoteTurnStream:
         self._conv = conv
         self.turn_id = turn_id  # renumbered when the request is sent again on a new socket
         self._order = -1  # the request's place among its conversation's requests
+        self._users: tuple[Any, ...] = ()  # the user turns its request carries
         self._lock = threading.Lock()
         self._parts: list[str] = []
         self._chars = 0

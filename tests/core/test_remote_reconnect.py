@@ -13,7 +13,7 @@ from engine_kit import say_all as _say
 from engine_kit import until as _until
 
 from core import SamplingParams, TurnStatus, UserTurn
-from core.errors import ProtocolError, StreamFailed
+from core.errors import AdmissionError, ProtocolError, StreamFailed
 from core.remote import RemoteEngine
 from core.server.run import serving
 
@@ -165,3 +165,26 @@ async def test_an_unreachable_server_fails_the_turn_after_the_reconnect_window(p
         await _say(conv.speak(), "Hello.")
     assert loop.time() - start < 5
     await client.aclose()
+
+
+async def test_a_reply_a_full_server_refused_gives_its_user_turns_to_the_next(parts):
+    """Prevents losing what the user said when the server is full: the refused reply ends
+    with AdmissionError, and its user turns go to the server with the next reply."""
+    engine = build_engine(parts, max_conversations=1)
+    try:
+        async with serving(engine, token=TOKEN) as url:
+            client = RemoteEngine(url, token=TOKEN)
+            holder = client.conversation()
+            assert await _say(holder.speak(), "I hold the only slot.")
+            conv = client.conversation()
+            refused = conv.speak(user=UserTurn("Are you there?"))
+            with pytest.raises(AdmissionError):
+                await _say(refused, "Yes.")
+            await holder.aclose()
+            await _until(lambda: engine.stats().conversations == 0)
+            assert await _say(conv.speak(user=UserTurn("Hello?")), "Hi.")
+            assert [(t.role, t.text) for t in conv.turns] == [
+                ("user", "Are you there?"), ("user", "Hello?"), ("assistant", "Hi.")]
+            await client.aclose()
+    finally:
+        engine.close()
