@@ -3,6 +3,7 @@
     moss-tts say "Hello there. How are you?" -o out.wav [--voice ref.wav]
              [--model DIR_OR_ID --codec DIR_OR_ID | --tiny] [--device auto] [--debug]
     MOSS_SERVER_TOKEN=... moss-tts serve [--host 127.0.0.1] [--port 8765] [--tiny]
+                                         [--ray --replicas N | --min-replicas N --max-replicas M]
 
 The text is pushed word by word, as an LLM would stream it, so the run exercises the same path as
 the plugins (incremental tokenization, text lead, chunked audio). `--tiny` uses random tiny
@@ -105,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     serve.add_argument("--max-streams", type=int, default=16, help="turns speaking at once")
     serve.add_argument("--max-conversations", type=int, default=64, help="open conversations")
+    serve.add_argument("--ray", action="store_true",
+                       help="scale out on Ray Serve: one engine replica per GPU behind Ray's "
+                            "proxy, sticky by session (needs the `ray` extra)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas")
+    serve.add_argument("--min-replicas", type=int, default=None,
+                       help="with --ray and --max-replicas: autoscale on free conversation slots")
+    serve.add_argument("--max-replicas", type=int, default=None)
+    serve.add_argument("--replica-cpus", type=float, default=1.0,
+                       help="with --ray on the CPU: CPUs reserved per replica")
     serve.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -372,6 +382,8 @@ def _serve(args: argparse.Namespace) -> int:
                               max_conversations=args.max_conversations)
     except ValueError as exc:
         raise CliError(f"--max-streams/--max-conversations: {exc}") from exc
+    if args.ray:
+        return _serve_ray(args, token, "cuda" if device.type == "cuda" else args.device, config)
     options = ServeOptions(host=args.host, port=args.port, token_file=args.token_file)
     with tempfile.TemporaryDirectory(prefix="moss-tiny-") as tmp:
         if args.tiny:
@@ -389,6 +401,35 @@ def _serve(args: argparse.Namespace) -> int:
         _note(f"serving on http://{args.host}:{args.port} (WebSocket /v1/conversation)")
         serve(engine, options, token)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace, token: str, device: str, config: EngineConfig) -> int:
+    """`serve --ray`: each replica loads its own engine (checkpoints checked here first)."""
+    try:
+        from core.server.ray_serve import RayServeSpec, run
+    except ImportError as exc:
+        raise CliError(f"--ray needs Ray Serve: pip install 'moss-realtime-voice[ray]' ({exc})") from exc
+    model = codec = None
+    if not args.tiny:
+        model = _check_source(DEFAULT_MODEL if args.model is None else args.model, "model")
+        codec = _check_source(DEFAULT_CODEC if args.codec is None else args.codec, "codec")
+    engine = {"max_streams": config.max_streams, "max_conversations": config.max_conversations}
+    try:  # local directories as absolute paths: a replica's working directory is Ray's
+        spec = RayServeSpec(model=_source_arg(model), codec=_source_arg(codec), tiny=args.tiny,
+                            device=device, engine=engine, replicas=args.replicas,
+                            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                            num_cpus=args.replica_cpus)
+    except ValueError as exc:
+        raise CliError(f"--replicas/--min-replicas/--max-replicas/--replica-cpus: {exc}") from exc
+    if args.tiny:
+        _note("--tiny uses RANDOM weights: the audio is noise")
+    _note(f"serving on Ray Serve at http://{args.host}:{args.port} (WebSocket /v1/conversation)")
+    run(spec, token, host=args.host, port=args.port)
+    return 0
+
+
+def _source_arg(source: Path | str | None) -> str | None:
+    return str(source.resolve()) if isinstance(source, Path) else source
 
 
 def _fail(exc: BaseException, code: int, debug: bool) -> int:
