@@ -52,10 +52,10 @@ CHILD_GRACEFUL_S = 5.0
 
 
 def build_engine(model_dir: str | Path, codec_dir: str | Path, n_max: int,
-                 threads: int) -> Engine:
+                 threads: int, lead_s: float | None = 1.5) -> Engine:
     """The engine under test, built the same way in the parent and in the serving child."""
     torch.set_num_threads(threads)
-    config = EngineConfig(max_streams=n_max, max_conversations=2 * n_max, lead_s=1.5,
+    config = EngineConfig(max_streams=n_max, max_conversations=2 * n_max, lead_s=lead_s,
                           max_frames_per_turn=120)
     return Engine.from_pretrained(model_dir, codec_dir, device="cpu", config=config)
 
