@@ -3,6 +3,7 @@
     moss-tts say "Hello there. How are you?" -o out.wav [--voice ref.wav]
              [--model DIR_OR_ID --codec DIR_OR_ID | --tiny] [--device auto] [--debug]
     MOSS_SERVER_TOKEN=... moss-tts serve [--host 127.0.0.1] [--port 8765] [--tiny]
+    MOSS_SERVER_TOKEN=... moss-tts token --client NAME [--ttl SECONDS]
                                          [--ray --replicas N | --min-replicas N --max-replicas M]
 
 The text is pushed word by word, as an LLM would stream it, so the run exercises the same path as
@@ -116,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replica-cpus", type=float, default=1.0,
                        help="with --ray on the CPU: CPUs reserved per replica")
     serve.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    token = sub.add_parser("token", help="print a client token signed with the server's secret")
+    token.add_argument("--client", required=True,
+                       help="the client's name (letters, digits, '-', '_'): its conversations "
+                            "count against max_conversations_per_client")
+    token.add_argument("--ttl", type=float, default=24 * 3600, help="seconds it stays valid")
+    token.add_argument("--token-file", type=Path,
+                       help="the server's secret (default: $MOSS_SERVER_TOKEN)")
+    token.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
 
@@ -335,6 +344,8 @@ def _write_wav(path: Path, audio: np.ndarray) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     if args.tiny and (args.model is not None or args.codec is not None):
         raise CliError("--tiny brings its own random weights; drop --model/--codec or --tiny")
     text = sys.stdin.read() if args.text == "-" else args.text
@@ -359,6 +370,17 @@ def _run(args: argparse.Namespace) -> int:
     _check_configs(model_dir, codec_dir)
     label = f"model {model} and codec {codec}"
     return asyncio.run(_say(job, model_dir, codec_dir, label))
+
+
+def _token(args: argparse.Namespace) -> int:
+    """`moss-tts token`: a signed, expiring client token (the secret never leaves the host)."""
+    from core.server.auth import ServeError, read_token, sign_token
+
+    try:
+        print(sign_token(read_token(args.token_file), args.client, args.ttl))
+    except (ServeError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

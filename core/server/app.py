@@ -16,10 +16,11 @@ from core import wire
 from core.engine.engine import Engine
 from core.errors import EngineClosed, InvalidAudioError, ProtocolError
 from core.server import metrics
-from core.server.auth import token_matches
+from core.server.auth import Caller, authenticate
 from core.server.control import ServerControl
 from core.server.limits import ServerLimits
 from core.server.parked import SessionTable
+from core.server.quota import ClientQuota
 from core.server.session import Session
 from core.server.voices import VoiceRegistry
 
@@ -37,8 +38,10 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
     app = FastAPI(title="moss-tts engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.control = control
 
-    def authorized(headers: Any) -> bool:
-        return token_matches(token, headers.get("authorization"))
+    clients: dict[str, int] = {}  # signed clients -> their conversations open now
+
+    def caller(headers: Any) -> Caller | None:
+        return authenticate(token, headers.get("authorization"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -57,7 +60,7 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
 
     @app.post("/v1/voices")
     async def post_voice(request: Request) -> Response:
-        if not authorized(request.headers):
+        if caller(request.headers) is None:
             return _error(401, ProtocolError("missing or wrong token"))
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_voice_bytes:
@@ -85,12 +88,13 @@ def create_app(engine: Engine, *, token: str, limits: ServerLimits | None = None
 
     @app.websocket("/v1/conversation")
     async def conversation(ws: WebSocket) -> None:
-        if not authorized(ws.headers):
-            await ws.accept()
-            await ws.close(wire.CLOSE_UNAUTHORIZED, "missing or wrong token")
-            return
+        who = caller(ws.headers)
         await ws.accept()
-        await Session(ws, engine, limits, voices, control, sessions).run()
+        if who is None:
+            await ws.close(wire.CLOSE_UNAUTHORIZED, "missing, wrong or expired token")
+            return
+        await Session(ws, engine, limits, voices, control, sessions,
+                      ClientQuota(clients, who.client, limits.max_conversations_per_client)).run()
 
     return app
 

@@ -23,6 +23,8 @@ class ServerLimits:
             `mark_played` on an older turn is ignored, as the engine itself would).
         resume_grace_s: how long the conversation of a socket that dropped (no `close`) waits
             for its session's next socket before it is closed.
+        max_conversations_per_client: conversations one signed client token (`moss-tts
+            token`) may hold open at once (AdmissionError beyond); the shared secret has none.
     """
 
     max_message_bytes: int = 4 << 20
@@ -32,10 +34,11 @@ class ServerLimits:
     max_users_per_speak: int = 64
     kept_turns: int = 64
     resume_grace_s: float = 30.0
+    max_conversations_per_client: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_voice_bytes", "voice_registry_size",
-                     "max_users_per_speak", "kept_turns"):
+                     "max_users_per_speak", "kept_turns", "max_conversations_per_client"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, got {value!r}")

@@ -26,6 +26,7 @@ from core.errors import AdmissionError, EngineClosed, MossError, ProtocolError, 
 from core.server.control import ServerControl
 from core.server.limits import ServerLimits
 from core.server.parked import Parked, SessionTable
+from core.server.quota import ClientQuota
 from core.server.voices import MAX_VOICE_FRAMES, VoiceRegistry
 from core.values import PastTurn, UserTurn, Voice
 
@@ -56,9 +57,10 @@ class Session:
     """The server side of one conversation socket."""
 
     def __init__(self, ws: WebSocket, engine: Engine, limits: ServerLimits,
-                 voices: VoiceRegistry, control: ServerControl, table: SessionTable) -> None:
+                 voices: VoiceRegistry, control: ServerControl, table: SessionTable,
+                 quota: ClientQuota) -> None:
         self.ws, self.engine, self.limits, self.voices = ws, engine, limits, voices
-        self.control, self.table = control, table
+        self.control, self.table, self.quota = control, table, quota
         self.session_id: str | None = None
         self.serve_task: asyncio.Task[None] | None = None
         self.superseded = False
@@ -173,6 +175,11 @@ class Session:
         turn_base = wire.get_int(msg, "turn_base", optional=True) or 0
         history = await self._history(msg.get("history"))
         parked = None
+        try:
+            self.quota.acquire()
+        except AdmissionError as exc:
+            await self._send({"type": "error", "error": wire.error_object(exc)})
+            raise _Close(wire.CLOSE_TRY_LATER, type(exc).__name__) from None
         if session_id:
             self.session_id = session_id
             parked = await self.table.claim(session_id, self)
@@ -451,6 +458,7 @@ class Session:
                 self.table.release(self.session_id, self, parked)
         if conv is not None and parked is None:
             conv.close()
+        self.quota.release()
         self.cleaned_up.set()
 
 

@@ -355,3 +355,33 @@ async def test_a_full_server_is_not_ready_and_refuses_a_conversation_clearly(par
             await remote.aclose()
     finally:
         engine.close()
+
+
+async def test_a_signed_client_holds_at_most_its_quota_of_conversations(parts):
+    """Prevents one agent process taking every slot of a shared server: its signed token's
+    client gets AdmissionError past `max_conversations_per_client`, others (and the operator's
+    secret) are unaffected, and a closed conversation gives its place back."""
+    from core.server.auth import sign_token
+
+    engine = build_engine(parts)
+    limits = ServerLimits(max_conversations_per_client=1)
+    try:
+        async with serving(engine, limits) as url:
+            bot = RemoteEngine(url, token=sign_token(TOKEN, "bot-1", 60))
+            other = RemoteEngine(url, token=sign_token(TOKEN, "bot-2", 60))
+            first = bot.conversation()
+            assert await _say(first.speak(), "Mine.")
+            second = bot.conversation()
+            with pytest.raises(AdmissionError, match="max_conversations_per_client=1"):
+                await _say(second.speak(), "Too many.")
+            assert await _say(other.conversation().speak(), "Another client.")
+            assert await _say(RemoteEngine(url, token=TOKEN).conversation().speak(), "Operator.")
+            await first.aclose()
+            assert await _say(second.speak(), "Now there is room.")
+            expired = RemoteEngine(url, token=sign_token(TOKEN, "bot-3", 1, now=0))
+            with pytest.raises(ProtocolError, match="token"):
+                await _say(expired.conversation().speak(), "Too late.")
+            for client in (bot, other, expired):
+                await client.aclose()
+    finally:
+        engine.close()

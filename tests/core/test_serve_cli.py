@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.cli import main
-from core.server.auth import TOKEN_ENV, read_token, token_matches
+from core.server.auth import TOKEN_ENV, Caller, authenticate, read_token, sign_token
 
 GOOD = "0123456789abcdef0123"
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +35,36 @@ def test_token_file_wins_and_the_check_is_exact(tmp_path):
     secret.write_text(GOOD + "\n")
     assert read_token(secret, environ={TOKEN_ENV: "x" * 40}) == GOOD
     assert read_token(None, environ={TOKEN_ENV: GOOD}) == GOOD
-    assert token_matches(GOOD, f"Bearer {GOOD}")
+    assert authenticate(GOOD, f"Bearer {GOOD}") == Caller(None)
     for header in (None, "", GOOD, f"Bearer {GOOD}x", f"Bearer {GOOD[:-1]}", f"bearer {GOOD}"):
-        assert not token_matches(GOOD, header), header
+        assert authenticate(GOOD, header) is None, header
+
+
+def test_signed_client_tokens_name_their_client_and_expire():
+    """Prevents handing the shared secret to every agent process: a signed token names its
+    client, stops working at its expiry, and any change to it (or another secret) voids it."""
+    token = sign_token(GOOD, "bot-7", 60, now=1000.0)
+    assert authenticate(GOOD, f"Bearer {token}", now=1059.0) == Caller("bot-7")
+    assert authenticate(GOOD, f"Bearer {token}", now=1060.0) is None  # expired
+    assert authenticate("another-secret-0123456789", f"Bearer {token}", now=1000.0) is None
+    prefix, client, expiry, mac = token.split(".")
+    for forged in (f"{prefix}.bot-8.{expiry}.{mac}", f"{prefix}.{client}.{int(expiry) + 99}.{mac}",
+                   f"{prefix}.{client}.{expiry}.{mac[:-1]}0", f"{token}.x", GOOD[:10]):
+        assert authenticate(GOOD, f"Bearer {forged}", now=1000.0) is None, forged
+    for bad in ("", "a.b", "x" * 65, "émile"):
+        with pytest.raises(ValueError, match="client"):
+            sign_token(GOOD, bad, 60)
+    with pytest.raises(ValueError, match="ttl_s"):
+        sign_token(GOOD, "bot", 0)
+
+
+def test_token_command_prints_a_token_the_server_accepts(capsys, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, GOOD)
+    assert main(["token", "--client", "bot-1", "--ttl", "120"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert authenticate(GOOD, f"Bearer {printed}") == Caller("bot-1")
+    assert main(["token", "--client", "no spaces"]) == 2
+    assert "client" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("token", ["", "   "])
