@@ -14,9 +14,10 @@
   engine had the 12 stable ids to the first chunk. An underrun is a chunk that arrives after a
   listener who started playing at the first chunk ran dry.
 
-Warm-up turns are excluded. Capacity runs `--repeat` interleaved rounds (every N once per
-round, so a ratio never compares two moments of a shared machine) and reports medians: frames/s
-and "x single", the median of each round's ratio to the first N. Latency keeps the repeat with the
+Warm-up turns are excluded (and so is the compile at engine start of `--step compiled`, shown
+as warm-up s). Capacity runs `--repeat` interleaved rounds (every step and N once per round, so
+a ratio never compares two moments of a shared machine) and reports medians: frames/s and
+"x single", the median of each round's ratio to the first N. Latency keeps the repeat with the
 lowest p95. Every run is in the JSON. Prints a table and one JSON line. `--dims real` builds the
 published model and codec dimensions with random weights in memory (no download; the tiny
 tokenizer and text vocabulary stand in for Qwen's, which changes only the size of one embedding
@@ -50,11 +51,12 @@ TEXT = (
 )
 
 
-def build_engine(args: argparse.Namespace, tmp: Path, n: int, *, paced: bool) -> Engine:
+def build_engine(args: argparse.Namespace, tmp: Path, n: int, *, paced: bool,
+                 step: str = "eager") -> Engine:
     config = EngineConfig(
         max_streams=n, max_conversations=n, max_batch=max(n, 1), lead_s=1.5 if paced else None,
         max_frames_per_turn=args.frames, kv_block_size=64,
-        kv_num_blocks=n * (-(-(600 + args.frames) // 64)) + 8,
+        kv_num_blocks=n * (-(-(600 + args.frames) // 64)) + 8, compile_step=step == "compiled",
     )
     model_dir, codec_dir = args.tiny_dirs
     if args.dims == "tiny":
@@ -90,29 +92,32 @@ async def capacity_round(
     return sum(counts), time.perf_counter() - t0
 
 
-def capacities(args: argparse.Namespace, tmp: Path) -> dict[int, dict]:
-    """Capacity of every N, measured in interleaved rounds (N = 1, 16, ..., then again).
+def capacities(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, int], dict]:
+    """Capacity of every frame step and N, measured in interleaved rounds (N = 1, 16, ..., of
+    each step, then again).
 
     On a shared machine the speed drifts over minutes; a ratio of two runs taken minutes
     apart measures that drift as much as the engine. Each round runs every N back to back, the
     ratio to N = streams[0] is taken within the round, and medians over rounds are reported.
     """
-    engines = {n: build_engine(args, tmp, n, paced=False) for n in args.streams}
-    runs: dict[int, list[tuple[int, float]]] = {n: [] for n in args.streams}
+    engines = {(step, n): build_engine(args, tmp, n, paced=False, step=step)
+               for step in args.step for n in args.streams}
+    runs: dict[tuple[str, int], list[tuple[int, float]]] = {key: [] for key in engines}
     try:
-        for n, engine in engines.items():  # warm-up
+        for (_, n), engine in engines.items():  # warm-up
             asyncio.run(capacity_round(engine, min(n, 4), args.device, seed=1000))
         for _ in range(args.repeat):
-            for n, engine in engines.items():
-                runs[n].append(asyncio.run(capacity_round(engine, n, args.device)))
+            for (step, n), engine in engines.items():
+                runs[step, n].append(asyncio.run(capacity_round(engine, n, args.device)))
     finally:
         for engine in engines.values():
             engine.close()
-    base = [f / w for f, w in runs[args.streams[0]]]
     out = {}
-    for n, rounds in runs.items():
+    for (step, n), rounds in runs.items():
+        base = [f / w for f, w in runs[step, args.streams[0]]]
         fps = [f / w for f, w in rounds]
-        out[n] = {"fps": statistics.median(fps), "fps_all": fps,
+        out[step, n] = {"fps": statistics.median(fps), "fps_all": fps,
+                        "warmup_s": engines[step, n].warmup_s,
                   "x_single": statistics.median(a / b for a, b in zip(fps, base, strict=True)),
                   "frames_per_stream": rounds[0][0] / n, "frames_cap": args.frames}
     return out
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="capacity: interleaved rounds (medians); paced: repeats (best p95)")
     parser.add_argument("--stagger", type=float, default=1.0, help="paced: start spread (s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--step", choices=["eager", "compiled"], nargs="+", default=["eager"],
+                        help="frame steps to compare, interleaved (compiled: CPU, per bucket; "
+                             "EngineConfig.compile_step)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from core.tiny import write_tiny
@@ -218,33 +226,37 @@ def main(argv: list[str] | None = None) -> None:
         if args.dims == "real":
             _prepare_real(args)
         caps = capacities(args, Path(tmp))
-        for n in args.streams:
-            cap = caps[n]
-            engine = build_engine(args, Path(tmp), n, paced=True)
-            try:
-                lat = asyncio.run(latency(engine, n, args.stagger, args.repeat))
-                lat["engine_underruns"] = engine.stats().underruns
-            finally:
-                engine.close()
-            rows.append({"streams": n, **cap, **lat})
-            print(f"N={n:3d}  capacity {cap['fps']:8.1f} frames/s ({cap['fps'] / 12.5:6.1f} x real "
-                  f"time, {cap['x_single']:.2f} x single)  paced first audio p50 "
-                  f"{lat['ttfa_p50_ms']:7.1f} ms  p95 {lat['ttfa_p95_ms']:7.1f} ms  underruns "
-                  f"{lat['underruns']} ({lat['streams_with_underruns']} streams)", flush=True)
-    base = rows[0]
+        for step in args.step:
+            for n in args.streams:
+                cap = caps[step, n]
+                engine = build_engine(args, Path(tmp), n, paced=True, step=step)
+                try:
+                    lat = asyncio.run(latency(engine, n, args.stagger, args.repeat))
+                    lat["engine_underruns"] = engine.stats().underruns
+                finally:
+                    engine.close()
+                rows.append({"step": step, "streams": n, **cap, **lat})
+                print(f"{step:8s} N={n:3d}  capacity {cap['fps']:8.1f} frames/s "
+                      f"({cap['fps'] / 12.5:6.1f} x real time, {cap['x_single']:.2f} x single)  "
+                      f"paced first audio p50 {lat['ttfa_p50_ms']:7.1f} ms  p95 "
+                      f"{lat['ttfa_p95_ms']:7.1f} ms  underruns {lat['underruns']} "
+                      f"({lat['streams_with_underruns']} streams)  warm-up {cap['warmup_s']:.1f} s",
+                      flush=True)
     print()
-    print(f"{'N':>4} {'frames/s':>10} {'x single':>9} {'x realtime':>10} {'p50 ms':>8} "
-          f"{'p95 ms':>8} {'p95 x single':>12} {'engine p95':>10} {'underruns':>9}")
+    print(f"{'step':>8} {'N':>4} {'frames/s':>10} {'x single':>9} {'x realtime':>10} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'p95 x single':>12} {'engine p95':>10} {'underruns':>9} {'warm-up s':>9}")
     for r in rows:
-        print(f"{r['streams']:>4} {r['fps']:>10.1f} {r['x_single']:>9.2f} "
+        base = next(b for b in rows if b["step"] == r["step"])
+        print(f"{r['step']:>8} {r['streams']:>4} {r['fps']:>10.1f} {r['x_single']:>9.2f} "
               f"{r['fps'] / 12.5:>10.1f} {r['ttfa_p50_ms']:>8.1f} {r['ttfa_p95_ms']:>8.1f} "
               f"{r['ttfa_p95_ms'] / base['ttfa_p95_ms']:>12.2f} "
-              f"{r['engine_ttfa_p95_ms']:>10.1f} {r['underruns']:>9}")
-    print(f"single-stream time per frame: {1000 / base['fps']:.2f} ms "
-          f"({args.dims} model, {args.device})")
+              f"{r['engine_ttfa_p95_ms']:>10.1f} {r['underruns']:>9} {r['warmup_s']:>9.1f}")
+    singles = {r["step"]: 1000 / r["fps"] for r in rows if r["streams"] == args.streams[0]}
+    for step, ms in singles.items():
+        print(f"single-stream time per frame ({step}): {ms:.2f} ms ({args.dims} model, {args.device})")
     print(json.dumps({"bench": "engine", "dims": args.dims, "device": args.device,
                       "frames_cap": args.frames, "tokens_per_s": TOKENS_PER_S,
-                      "single_ms_per_frame": 1000 / base["fps"], "rows": rows}))
+                      "single_ms_per_frame": singles, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ class EngineConfig:
         cuttable_turns: finished turns per conversation that `TurnStream.mark_played` can
             still cut (a reply spoken as several turns is heard after all are generated; a
             plugin keeps at most this many of its own for a late barge-in).
+        compile_step: on the CPU, run each depth step as one `torch.compile`d graph per batch
+            bucket (1, 2, 4, ... up to `max_streams`), compiled at engine start (the time is
+            `Engine.warmup_s`); the same codes as the eager step. Off by default: the compile
+            takes seconds to minutes at start (cached on disk by inductor after the first
+            time), which tests and short CPU demos do not win back. No effect on CUDA.
     """
 
     max_streams: int = 16
@@ -85,6 +90,7 @@ class EngineConfig:
     max_user_audio_s: float = 60.0
     kv_wait_s: float = 5.0
     cuttable_turns: int = 8
+    compile_step: bool = False
 
     def __post_init__(self) -> None:
         positive = (

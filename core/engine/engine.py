@@ -62,9 +62,12 @@ class Engine:
                          block_size=config.kv_block_size, device=self.device, dtype=model.dtype)
         self._inbox = Inbox(config.max_streams, config.max_conversations,
                             config.max_turns_per_conversation)
+        runner = ModelRunner(model, codec, self.kv, num_slots=config.max_streams,
+                             compile_step=config.compile_step)
+        # Compiled before the engine thread starts: never on the hot path of a live stream.
+        self.warmup_s = runner.frame_step.warm_up()
         self._loop = EngineLoop(
-            config=config, inbox=self._inbox, kv=self.kv, builder=self.builder,
-            runner=ModelRunner(model, codec, self.kv, num_slots=config.max_streams),
+            config=config, inbox=self._inbox, kv=self.kv, builder=self.builder, runner=runner,
             tokenizer=tokenizer, sample_rate=codec.sample_rate)
         # The history budget: the configured rows, at most the positions the model was built for.
         self._max_rows = min(config.max_context_rows, model.config.backbone.max_position_embeddings)

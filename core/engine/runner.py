@@ -2,8 +2,10 @@
 
 All active streams share each call: prefill chunks and 1-row decode steps go into one varlen
 `forward_rows`, every stream that needs a frame is sampled in one 16-codebook depth pass, and
-every real frame is decoded in one batched `decode_step`. Per-stream device state (sampler
-history and random counter, codec ring caches) lives in slots; a new turn resets its slot.
+every real frame is decoded in one batched `decode_step`. The depth pass and its draws are the
+`FrameStep` (eager, or compiled per batch bucket on the CPU: `EngineConfig.compile_step`).
+Per-stream device state (sampler history and random counter, codec ring caches) lives in slots;
+a new turn resets its slot.
 
 A frame with a special code (EOS 1026 on codebook 0, or a pad/BOS/EOS id sampled on any
 codebook) is not decoded: the codec has no such codes, and upstream's decoder stops at the
@@ -21,6 +23,7 @@ from torch import Tensor
 from core.codec import MossAudioCodec
 from core.codec.streaming import CodecDecodeState
 from core.model import KVPool, MossTTSRealtime, SamplerBatch
+from core.model.frame_step import FrameStep, make_frame_step
 from core.values import MAX_REPETITION_WINDOW, SamplingParams
 
 
@@ -69,7 +72,7 @@ class ModelRunner:
     """Owns the model, codec, KV pool and per-slot device state; used by the engine thread."""
 
     def __init__(self, model: MossTTSRealtime, codec: MossAudioCodec, kv: KVPool, *,
-                 num_slots: int) -> None:
+                 num_slots: int, compile_step: bool = False) -> None:
         self.model, self.codec, self.kv = model, codec, kv
         cfg = model.config
         self.device = model.device
@@ -78,6 +81,9 @@ class ModelRunner:
         self.sampler = SamplerBatch(num_slots, device=self.device, rvq=cfg.rvq,
                                     max_window=MAX_REPETITION_WINDOW)
         self.codec_state: CodecDecodeState = codec.init_decode_state(num_slots)
+        # At most one sampled row per slot and tick: the buckets stop at num_slots.
+        self.frame_step: FrameStep = make_frame_step(model, self.sampler, num_slots,
+                                                     compile_step=compile_step)
 
     def start_turn(self, slot: int, params: SamplingParams, counter: int) -> None:
         """Reset a slot for a new turn: sampler params/history (random counter continues from
@@ -107,8 +113,7 @@ class ModelRunner:
                                  dtype=torch.promote_types(self.model.dtype, torch.float32))
         if len(sel) < len(work):
             hidden = hidden[sel]
-        codes = self.model.sample_frame(hidden, self.sampler, slots=slots.to(self.device),
-                                        logits_out=logits)
+        codes = self.frame_step(hidden, slots.to(self.device), logits_out=logits)
         codes_cpu = codes.cpu()
         valid = (codes_cpu < self.pad_code).all(dim=1)
         audio: list[FrameAudio | None] = [None] * len(sel)

@@ -53,6 +53,32 @@ class FrameCache:
         return out.view(batch, n_heads, head_dim)
 
 
+class StaticFrameCache:
+    """The frame cache of a traced step (`Depth.codebook_step`): every one of the 16 positions is
+    always there and the ones not yet written are masked, and the position is a tensor, so one
+    graph with fixed shapes serves every step of a frame. Caches are values in and out (no
+    in-place writes into a caller's tensor)."""
+
+    def __init__(self, k: Tensor, v: Tensor, position: Tensor) -> None:
+        self.k, self.v = list(k.unbind(0)), list(v.unbind(0))
+        self.position = position  # Long[1]
+        self.visible = (torch.arange(k.shape[3], device=k.device) <= position)[None, :]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.k[layer] = self.k[layer].index_copy(2, self.position, k[:, :, None])
+        self.v[layer] = self.v[layer].index_copy(2, self.position, v[:, :, None])
+        batch, n_heads, head_dim = q.shape
+        n_kv = k.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.view(batch, n_kv, n_heads // n_kv, head_dim), self.k[layer], self.v[layer],
+            attn_mask=self.visible,
+        )
+        return out.view(batch, n_heads, head_dim)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return torch.stack(self.k), torch.stack(self.v)
+
+
 # sample(logits [B, V] fp32, codebook) -> codes [B]
 CodeSampler = Callable[[Tensor, int], Tensor]
 
@@ -71,18 +97,51 @@ class Depth(nn.Module):
         self.heads = nn.Parameter(torch.empty(config.rvq, v, d))  # head i -> codebook i
         self._rope: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor]]] = {}
 
-    def _rope_steps(self, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-        """cos/sin [1, hd] of each of the 16 local positions, built once per device and dtype."""
+    def rope_table(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin [16, hd] of the 16 local positions, built once per device and dtype."""
         key = (device, dtype)
         if key not in self._rope:
             tc = self.tc
             with torch.inference_mode(False):  # normal tensors: usable in and out of inference
                 positions = torch.arange(self.rvq, device=device)
-                cos, sin = rope_cos_sin(
+                self._rope[key] = rope_cos_sin(
                     positions, tc.head_dim, tc.rope_theta, tc.rope_factor, dtype
                 )
-            self._rope[key] = [(cos[i : i + 1], sin[i : i + 1]) for i in range(self.rvq)]
         return self._rope[key]
+
+    def _rope_steps(self, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+        """cos/sin [1, hd] of each of the 16 local positions."""
+        cos, sin = self.rope_table(device, dtype)
+        return [(cos[i : i + 1], sin[i : i + 1]) for i in range(self.rvq)]
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Zeroed keys (or values) [layers, B, KV, 16, hd] for `codebook_step`."""
+        tc = self.tc
+        return torch.zeros(tc.num_layers, batch, tc.num_kv_heads, self.rvq, tc.head_dim,
+                           device=device, dtype=dtype)
+
+    def codebook_step(
+        self, x: Tensor, k: Tensor, v: Tensor, codebook: Tensor, rope: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step `codebook` (Long[1]) with tensor caches: (x [B, D], k, v) -> (logits [B, V] in
+        at least fp32, k, v). The same maths as a step of `forward`, traceable with fixed
+        shapes (the codebook picks rope, head and cache position by index, not by Python)."""
+        batch = x.shape[0]
+        cache = StaticFrameCache(k, v, codebook)
+        cos = rope[0].index_select(0, codebook).expand(batch, -1)
+        sin = rope[1].index_select(0, codebook).expand(batch, -1)
+        for j, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, j)
+        h = self.norm(x)
+        logits = F.linear(h, self.heads.index_select(0, codebook)[0])
+        return (logits.to(torch.promote_types(h.dtype, torch.float32)), *cache.tensors())
+
+    def embed_code(self, codes: Tensor, codebook: Tensor) -> Tensor:
+        """The next step's input: codes [B] of `codebook` (Long[1]) through table `codebook`
+        (the last codebook has no table; its rows are clamped to the previous one, unused)."""
+        tables = self.embeds.flatten(0, 1)
+        offset = codebook.clamp(max=self.rvq - 2) * self.embeds.shape[1]
+        return F.embedding(codes + offset, tables)
 
     def step(self, x: Tensor, cache: FrameCache, cos: Tensor, sin: Tensor) -> Tensor:
         """One local position for every row: x [B, D] -> normed hidden [B, D]."""

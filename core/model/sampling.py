@@ -22,7 +22,7 @@ and a draw is some 40 small steps), keeping torch only where the bits depend on 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -64,6 +64,13 @@ class FrameDraw:
     noise: Tensor | None  # [B, rvq, V] for the full sort; None: the fast path hashes per draw
     any_greedy: bool  # some row is greedy (always True off the CPU: no host read)
     host: HostFrame | None = None  # numpy views for the CPU fast path (width > 0)
+
+    def codebook(self, codebook: Tensor) -> FrameDraw:
+        """This frame's state for one codebook (Long[1]) only, to `draw` as codebook 0: a traced
+        step picks its codebook by index, with no Python int. Static frames only."""
+        assert self.noise is None and self.host is None, "prepare(static=True) frames only"
+        return replace(self, history=self.history.index_select(2, codebook),
+                       keys=self.keys.index_select(1, codebook))
 
 
 @dataclass(slots=True)
@@ -161,20 +168,24 @@ class SamplerBatch:
             raise ValueError(f"slots must be Long[{batch}], got {tuple(slots.shape)}")
         return slots.to(self.device, torch.int64)
 
-    def prepare(self, idx: Tensor, vocab: int, dtype: torch.dtype) -> FrameDraw:
+    def prepare(
+        self, idx: Tensor, vocab: int, dtype: torch.dtype, *, static: bool = False
+    ) -> FrameDraw:
         """Gather the rows' state once per frame (history window, params, noise keys).
 
         Half-precision logits are drawn in fp32 (`draw` upcasts them): 23-bit uniforms and
-        Gumbel noise do not fit fp16/bf16.
+        Gumbel noise do not fit fp16/bf16. `static` takes the path with fixed shapes and no
+        host reads on every device (whole window, full sort, noise hashed per draw), the one
+        a compiled step traces; its draws are the same.
         """
         dtype = torch.promote_types(dtype, torch.float32)
         count = self.count[idx]
-        history = self._window(idx, count, vocab)
+        history = self._window(idx, count, vocab, static=static)
         temp = self.temperature[idx]
         k_set = self.top_k[idx]
         k = torch.where(k_set > 0, k_set, vocab).clamp(1, vocab)
         keys, id_hash = self._keys(idx), self._vocab_hash(vocab)
-        width = self._fast_width(k_set, vocab)
+        width = 0 if static else self._fast_width(k_set, vocab)
         greedy = temp < MIN_TEMPERATURE
         frame = FrameDraw(
             history=history,
@@ -186,8 +197,8 @@ class SamplerBatch:
             keys=keys,
             id_hash=id_hash,
             width=width,
-            noise=None if width else gumbel(keys[:, :, None], id_hash, dtype),
-            any_greedy=idx.device.type != "cpu" or bool(greedy.any()),
+            noise=None if width or static else gumbel(keys[:, :, None], id_hash, dtype),
+            any_greedy=static or idx.device.type != "cpu" or bool(greedy.any()),
         )
         if width:  # only ever on the CPU (see `_fast_width`)
             if self._id_hash_host is None or self._id_hash_host.shape[0] != vocab:
@@ -204,16 +215,16 @@ class SamplerBatch:
             )
         return frame
 
-    def _window(self, idx: Tensor, count: Tensor, vocab: int) -> Tensor:
+    def _window(self, idx: Tensor, count: Tensor, vocab: int, *, static: bool) -> Tensor:
         """The rows' penalty windows [B, A, rvq], id V where a row has fewer frames.
 
         On the CPU only the A = max(min(count, window)) most recent frames are gathered (reading
         the max is free there), not the whole ring: the penalty scatters the same (row, id)
-        pairs either way. Elsewhere the whole ring, so nothing waits for the host.
+        pairs either way. Elsewhere (or `static`) the whole ring, so nothing waits for the host.
         """
         w = self.max_window
         n = torch.minimum(count, self.window[idx])
-        if idx.device.type == "cpu":
+        if idx.device.type == "cpu" and not static:
             ages = torch.arange(max(1, int(n.max())) if n.numel() else 1)
             pos = (count[:, None] - 1 - ages[None, :]) % w
             return torch.where((ages[None, :] < n[:, None])[:, :, None],
@@ -296,13 +307,16 @@ class SamplerBatch:
             sampled = np.where(host.greedy, pen.argmax(axis=1), sampled)
         return torch.from_numpy(sampled)
 
-    def draw(self, logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor:
-        """logits [B, V] of one codebook -> codes [B] (the hot path; fp16/bf16 drawn in fp32)."""
+    @staticmethod
+    def draw(logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor:
+        """logits [B, V] of one codebook -> codes [B] (the hot path; fp16/bf16 drawn in fp32).
+        Static: a compiled step calls it with no sampler object (nothing to guard on)."""
         logits = _at_least_fp32(logits)
-        if frame.host is not None and (codes := self._draw_host(logits, codebook, frame)) is not None:
+        host_draw = frame.host is not None
+        if host_draw and (codes := SamplerBatch._draw_host(logits, codebook, frame)) is not None:
             return codes
-        logits = self._penalize(logits, codebook, frame)
-        asc, ids = self._filter_sorted(logits, frame)
+        logits = SamplerBatch._penalize(logits, codebook, frame)
+        asc, ids = SamplerBatch._filter_sorted(logits, frame)
         if frame.noise is not None:
             noise = frame.noise[:, codebook].gather(1, ids)
         else:

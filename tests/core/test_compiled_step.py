@@ -1,0 +1,96 @@
+"""The compiled frame step (CPU, inductor, per bucket) draws what the eager step draws: the same
+codes and audio, the same sampler state after every frame, and padding rows touch no slot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.codec import MossAudioCodec
+from core.engine.runner import ModelRunner, RowWork
+from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams
+from core.model.frame_step import CompiledFrameStep, buckets_for
+
+pytestmark = pytest.mark.timeout(600)
+
+SLOTS = 8
+# Penalty and sampling noise on, one greedy slot and one without top-k among them.
+PARAMS = [SamplingParams(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.3,
+                         repetition_window=4, seed=s) for s in range(SLOTS)]
+PARAMS[2] = SamplingParams(temperature=0.0, repetition_penalty=1.2, repetition_window=8, seed=2)
+PARAMS[6] = SamplingParams(temperature=0.9, top_k=0, top_p=0.8, repetition_window=3, seed=6)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dirs: tuple[Path, Path]) -> MossTTSRealtime:
+    return MossTTSRealtime.from_pretrained(tiny_dirs[0], dtype=torch.float32)
+
+
+def _sampler() -> SamplerBatch:
+    sampler = SamplerBatch(SLOTS, max_window=8)
+    for slot, p in enumerate(PARAMS):
+        sampler.reset(slot, p, counter=3 * slot)
+    return sampler
+
+
+def _state(sampler: SamplerBatch) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in vars(sampler).items() if isinstance(v, torch.Tensor)}
+
+
+def test_buckets_cover_every_batch_up_to_the_slots():
+    """Prevents a batch from having no bucket: up to max_rows rows, the smallest bucket >= it."""
+    assert buckets_for(1) == (1,)
+    assert buckets_for(3) == (1, 2, 4)
+    assert buckets_for(16) == (1, 2, 4, 8, 16)
+    assert buckets_for(100) == (1, 2, 4, 8, 16, 32, 64)
+
+
+@torch.inference_mode()
+def test_compiled_codes_and_sampler_state_equal_eager(model: MossTTSRealtime):
+    """Prevents the compiled step from drawing other codes than the eager reference, or from
+    letting padding rows write into any slot: at 1, 2, 3 (padded to 4) and 5 (padded to 8)
+    rows in scattered slots, over frames long enough to wrap the penalty window, codes and
+    every sampler tensor (history, counters: all slots) equal the eager step's."""
+    gen = torch.Generator().manual_seed(0)
+    eager, compiled = _sampler(), _sampler()
+    step = CompiledFrameStep(model, compiled, max_rows=5)
+    for slots in ([4], [7, 1], [5, 0, 3], [6, 2, 4, 1, 7]):
+        idx = torch.tensor(slots)
+        for _ in range(6):
+            hidden = torch.randn(len(slots), model.config.hidden_size, generator=gen)
+            want = model.sample_frame(hidden, eager, slots=idx)
+            got = step(hidden, idx)
+            assert torch.equal(got, want), slots
+            for name, value in _state(eager).items():
+                assert torch.equal(getattr(compiled, name), value), (slots, name)
+
+
+def _runner(model: MossTTSRealtime, codec: MossAudioCodec, *, compile_step: bool):
+    kv = KVPool(model.config, num_blocks=16, block_size=16, dtype=torch.float32)
+    runner = ModelRunner(model, codec, kv, num_slots=4, compile_step=compile_step)
+    seqs = [kv.new_sequence() for _ in range(3)]
+    for slot in range(3):
+        runner.start_turn(slot, PARAMS[slot + 3], counter=slot)
+    return runner, seqs
+
+
+@torch.inference_mode()
+def test_compiled_runner_gives_eager_codes_and_audio(model: MossTTSRealtime,
+                                                     tiny_dirs: tuple[Path, Path]):
+    """Prevents a compiled engine from sounding different: three streams (padded to 4) through
+    whole ticks (backbone, frame step, codec) give the eager runner's codes and audio."""
+    codec = MossAudioCodec.from_pretrained(tiny_dirs[1])
+    runs = [_runner(model, codec, compile_step=c) for c in (False, True)]
+    assert type(runs[1][0].frame_step) is CompiledFrameStep
+    runs[1][0].frame_step.warm_up()
+    prev = torch.zeros(3, 16, dtype=torch.long)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        rows = torch.cat([torch.randint(0, 400, (3, 1), generator=gen), prev], dim=1)
+        outs = [r.step([RowWork(s, rows[i : i + 1], i) for i, s in enumerate(seqs)])
+                for r, seqs in runs]
+        assert torch.equal(outs[1].codes, outs[0].codes)
+        assert outs[1].audio == outs[0].audio
+        prev = outs[0].codes.clamp(max=1023)
