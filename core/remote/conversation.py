@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 from core import wire
 from core.engine.conversation import UNCHANGED, NextTurnSettings, check_user_turn
 from core.engine.stream import AudioChunk, TurnStatus
-from core.errors import AdmissionError, EngineClosed, ProtocolError, StreamCancelled, StreamFailed
+from core.errors import (
+    AdmissionError,
+    EngineClosed,
+    InvalidAudioError,
+    MossError,
+    ProtocolError,
+    StreamCancelled,
+    StreamFailed,
+)
 from core.history import TurnView
 from core.remote.audio import user_pcm
 from core.remote.connection import Connection
@@ -112,7 +120,8 @@ class RemoteConversation(NextTurnSettings):
                 self._streams[stream.turn_id] = stream
             if "voice" in msg:
                 self._send_voice(turn_voice)
-            self._send(self._with_audio({**msg, "turn": stream.turn_id}, "users", users))
+            self._send(self._with_audio({**msg, "turn": stream.turn_id}, "users", users,
+                                        lambda exc: self._refuse(stream, exc)))
             if replay:
                 if stream.text:
                     self._send({"type": "text", "turn": stream.turn_id, "delta": stream.text})
@@ -136,8 +145,14 @@ class RemoteConversation(NextTurnSettings):
         self._requests[request] = reply
         order = next(self._order)
 
+        def fail(exc: BaseException) -> None:
+            self._requests.pop(request, None)
+            if not reply.done():
+                reply.set_exception(exc)
+
         def send(replay: bool) -> None:
-            self._send(self._with_audio({"type": "add_user", "request": request}, None, (user,)))
+            self._send(self._with_audio({"type": "add_user", "request": request}, None, (user,),
+                                        fail))
 
         reply.add_done_callback(lambda _: self._unanswered.pop(order, None))
         self._request(order, send)
@@ -213,7 +228,7 @@ class RemoteConversation(NextTurnSettings):
             send(False)
             self._start()
         elif self._retry is None:  # no reconnect under way: open one now (it sends this too)
-            self._attempt, self._lost_at = 0, None
+            self._progress()
             self._start_connect()
 
     def _start_connect(self) -> None:
@@ -244,10 +259,11 @@ class RemoteConversation(NextTurnSettings):
         turn, self._next_turn = self._next_turn, self._next_turn + 1
         return turn
 
-    def _with_audio(self, msg: dict[str, Any], field: str | None,
-                    users: tuple[UserTurn, ...]) -> Frames:
+    def _with_audio(self, msg: dict[str, Any], field: str | None, users: tuple[UserTurn, ...],
+                    on_error: Callable[[BaseException], None]) -> Frames:
         """A frame factory: user audio becomes int16 PCM off the loop's thread, then the
-        message and its binary frames go out together, in call order."""
+        message and its binary frames go out together, in call order. Audio that cannot be
+        read fails its own request (`on_error`), never the socket."""
         max_s = self._engine.config.max_user_audio_s
 
         async def frames() -> list[str | bytes]:
@@ -255,7 +271,13 @@ class RemoteConversation(NextTurnSettings):
             for u in users:
                 pcm, rate = b"", u.sample_rate
                 if u.audio is not None:
-                    pcm, rate = await asyncio.to_thread(user_pcm, u.audio, u.sample_rate, max_s)
+                    try:
+                        pcm, rate = await asyncio.to_thread(user_pcm, u.audio, u.sample_rate,
+                                                            max_s)
+                    except Exception as exc:
+                        on_error(exc if isinstance(exc, MossError | ValueError) else
+                                 InvalidAudioError(f"user audio could not be read: {exc!r}"))
+                        return []
                 entries.append({"text": u.text, "sample_rate": rate, "audio_bytes": len(pcm)})
                 if pcm:
                     blobs.append(pcm)
@@ -280,6 +302,7 @@ class RemoteConversation(NextTurnSettings):
         if kind == "chunk":
             stream = self._streams.get(msg.get("turn"))  # type: ignore[arg-type]
             if stream is not None:
+                self._progress()
                 self._unanswered.pop(stream._order, None)  # speaking: never sent again
                 stream._put(AudioChunk(data or b"", wire.SAMPLE_RATE, float(msg["start_s"]),
                                        float(msg["duration_s"]), wire.words_from_wire(msg["words"]),
@@ -287,6 +310,7 @@ class RemoteConversation(NextTurnSettings):
         elif kind == "turn_end":
             stream = self._streams.pop(msg.get("turn"), None)  # type: ignore[arg-type]
             if stream is not None:
+                self._progress()
                 self._unanswered.pop(stream._order, None)
                 status = _STATUS.get(msg.get("status"), TurnStatus.FAILED)  # type: ignore[arg-type]
                 error = None if msg.get("error") is None else wire.error_from(msg["error"])
@@ -305,6 +329,7 @@ class RemoteConversation(NextTurnSettings):
             self._past = {ref: self._past[ref] for _, ref in turns}
         elif kind == "user_added":
             reply = self._requests.pop(msg.get("request"), None)  # type: ignore[arg-type]
+            self._progress()
             if reply is not None and not reply.done():
                 if msg.get("error") is None:
                     reply.set_result(None)
@@ -321,9 +346,21 @@ class RemoteConversation(NextTurnSettings):
                 self._refusal = error
                 log.warning("the engine server reported: %r", error)
 
+    def _refuse(self, stream: RemoteTurnStream, error: BaseException) -> None:
+        """A turn refused here (its user audio could not be read): it ends before it began."""
+        stream._refused_here = True
+        self._unanswered.pop(stream._order, None)
+        self._streams.pop(stream.turn_id, None)
+        stream._end(TurnStatus.FAILED, error)
+
+    def _progress(self) -> None:
+        """A request was answered: the socket works, the next loss starts a new reconnect."""
+        self._attempt, self._lost_at = 0, None
+
     def _welcomed(self, msg: dict[str, Any]) -> None:
         previous, self.server = self.server, msg.get("server")
-        self._attempt, self._lost_at = 0, None
+        if not self._unanswered:  # else only an answer proves this socket works
+            self._progress()
         self._engine._apply_limits(msg.get("limits"))
         if self._links == 1 and not msg.get("resumed"):
             return
@@ -385,7 +422,7 @@ class RemoteConversation(NextTurnSettings):
 
     def _fail_all(self, error: BaseException) -> None:
         self._unanswered.clear()
-        self._attempt, self._lost_at = 0, None
+        self._progress()
         streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             stream._end(TurnStatus.CANCELLED if isinstance(error, StreamCancelled)

@@ -12,6 +12,7 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING, Any
 
+from core import wire
 from core.engine.delivery import ChunkChannel
 from core.engine.stream import AudioChunk, TurnStatus, _check_played_s
 from core.errors import StreamCancelled, TextTooLongError
@@ -31,6 +32,7 @@ class RemoteTurnStream:
         self.turn_id = turn_id  # renumbered when the request is sent again on a new socket
         self._order = -1  # the request's place among its conversation's requests
         self._users: tuple[Any, ...] = ()  # the user turns its request carries
+        self._refused_here = False  # its request never left (unreadable user audio)
         self._lock = threading.Lock()
         self._parts: list[str] = []
         self._chars = 0
@@ -65,7 +67,7 @@ class RemoteTurnStream:
                     f"more than max_text_chars={limit}")
             self._chars += len(delta)
             self._parts.append(delta)
-        self._conv._send({"type": "text", "turn": self.turn_id, "delta": delta})
+        self._control({"type": "text", "turn": self.turn_id, "delta": delta})
 
     def end_text(self) -> None:
         """No more text (idempotent)."""
@@ -73,7 +75,7 @@ class RemoteTurnStream:
             if self._text_ended:
                 return
             self._text_ended = True
-        self._conv._send({"type": "end_text", "turn": self.turn_id})
+        self._control({"type": "end_text", "turn": self.turn_id})
 
     @property
     def text(self) -> str:
@@ -94,7 +96,7 @@ class RemoteTurnStream:
         played = _check_played_s(played_s)
         if played is None:
             raise ValueError("played_s must be a finite number of seconds >= 0, got None")
-        self._conv._send({"type": "played", "turn": self.turn_id, "played_s": played})
+        self._control({"type": "played", "turn": self.turn_id, "played_s": played})
 
     def cancel(self, played_s: float | None = None) -> None:
         """`stop()`, then `mark_played(played_s)` when given, as one message."""
@@ -106,7 +108,7 @@ class RemoteTurnStream:
                 self._status = TurnStatus.CANCELLED
                 self._error = StreamCancelled(f"turn {self.turn_id} was cancelled")
         self._channel.abort(StreamCancelled(f"turn {self.turn_id} was cancelled"))
-        self._conv._send({"type": "stop", "turn": self.turn_id, "played_s": played_s})
+        self._control({"type": "stop", "turn": self.turn_id, "played_s": played_s})
 
     @property
     def status(self) -> TurnStatus:
@@ -123,6 +125,15 @@ class RemoteTurnStream:
     async def wait(self) -> None:
         """Wait until the server reported the turn's end (or the connection ended)."""
         await self._done_event.wait()
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        """A message about this turn, in call order; dropped when the turn's own request was
+        refused here (the server never heard of the turn: naming it would be out of order)."""
+
+        async def frames() -> list[str | bytes]:
+            return [] if self._refused_here else [wire.dumps(msg)]
+
+        self._conv._send(frames)
 
     # -- from the socket ---------------------------------------------------------------------
     def _put(self, chunk: AudioChunk) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,30 @@ def build_engine(parts: Parts, model: MossTTSRealtime | None = None, **overrides
 
 
 _engines: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
+KINDS = ("local", "remote")  # parametrize public-interface tests over both engines
+
+
+@contextlib.asynccontextmanager
+async def open_engine(kind: str, parts: Parts, **overrides) -> AsyncIterator:
+    """`build_engine`'s engine itself ("local"), or a `RemoteEngine` to it served on loopback
+    ("remote"): the public interface must behave alike over the wire."""
+    engine = build_engine(parts, **overrides)
+    try:
+        if kind == "local":
+            yield engine
+            return
+        from core.remote import RemoteEngine
+        from core.server.run import serving
+
+        token = "engine-kit-token-0123456789"
+        async with serving(engine, token=token) as url:
+            remote = RemoteEngine(url, token=token)
+            try:
+                yield remote
+            finally:
+                await remote.aclose()
+    finally:
+        engine.close()
 
 
 def state_of(conv: Conversation, limit_s: float = 5.0) -> ConvState:

@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from engine_kit import build_engine, load_parts, state_of
+from engine_kit import KINDS, build_engine, load_parts, open_engine, state_of
 from engine_kit import say_all as _say
 from engine_kit import until as _until
 
@@ -24,11 +24,11 @@ def parts(tiny_dirs):
     return load_parts(tiny_dirs)
 
 
-async def test_requests_made_back_to_back_run_in_order_without_waiting(parts):
+@pytest.mark.parametrize("kind", KINDS)
+async def test_requests_made_back_to_back_run_in_order_without_waiting(parts, kind):
     """Prevents a caller having to serialise its own requests: a reply whose user speech is
     still being encoded and the next reply, asked for at once, land in the order asked."""
-    engine = build_engine(parts)
-    try:
+    async with open_engine(kind, parts) as engine:
         conv = engine.conversation(sampling=SamplingParams(seed=2))
         speech = (0.1 * np.random.default_rng(1).standard_normal(16000 * 3)).astype(np.float32)
         first = conv.speak(user=UserTurn("Tell me a story.", speech, 16000))
@@ -41,8 +41,6 @@ async def test_requests_made_back_to_back_run_in_order_without_waiting(parts):
             ("user", "Tell me a story."), ("assistant", "Once upon a time."),
             ("user", "Shorter, please."), ("user", "And quick."), ("assistant", "Fine.")]
         assert turns[0].frames == 37  # 3 s of speech (37 whole frames), encoded before the reply
-    finally:
-        engine.close()
 
 
 async def test_voice_and_sampling_travel_with_the_turn_and_the_seed_continues(parts):
@@ -72,12 +70,12 @@ async def test_voice_and_sampling_travel_with_the_turn_and_the_seed_continues(pa
         engine.close()
 
 
-async def test_stop_and_mark_played_are_separate_calls(parts):
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stop_and_mark_played_are_separate_calls(parts, kind):
     """Prevents a plugin cancelling twice to stop the GPU and then record what was heard: stop()
     ends generation and keeps what was delivered; a later mark_played cuts it to the heard part,
     and a mark_played that arrives while the turn runs applies when it ends."""
-    engine = build_engine(parts, max_frames_per_turn=200)
-    try:
+    async with open_engine(kind, parts, max_frames_per_turn=200) as engine:
         conv = engine.conversation(sampling=SamplingParams(seed=4))
         stream = conv.speak()
         stream.push_text("one two three four five six seven eight nine ten " * 3)
@@ -106,18 +104,16 @@ async def test_stop_and_mark_played_are_separate_calls(parts):
         assert conv.turns[-1].frames == 3
         with pytest.raises(ValueError, match="played_s"):
             early.mark_played(None)
-    finally:
-        engine.close()
 
 
-async def test_unusable_user_speech_fails_its_turn_clearly_and_the_next_speaks(parts):
+@pytest.mark.parametrize("kind", KINDS)
+async def test_unusable_user_speech_fails_its_turn_clearly_and_the_next_speaks(parts, kind):
     """Prevents user audio that passes the header check but cannot be decoded from hanging the
     conversation: its turn ends with InvalidAudioError before any audio, no user turn is
     added, and the next request speaks."""
     from core.errors import InvalidAudioError
 
-    engine = build_engine(parts)
-    try:
+    async with open_engine(kind, parts) as engine:
         conv = engine.conversation(sampling=SamplingParams(seed=3))
         broken = np.full(16000, np.nan, dtype=np.float32)
         bad = conv.speak(user=UserTurn("Hello?", broken, 16000))
@@ -128,8 +124,6 @@ async def test_unusable_user_speech_fails_its_turn_clearly_and_the_next_speaks(p
         good = conv.speak(user=UserTurn("Hello again."))
         assert await _say(good, "Hi.")
         assert [t.role for t in conv.turns] == ["user", "assistant"]
-    finally:
-        engine.close()
 
 
 def test_the_history_budget_never_exceeds_the_model_positions(parts):
