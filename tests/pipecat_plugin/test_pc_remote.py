@@ -50,7 +50,8 @@ async def test_a_call_over_the_remote_engine(engine) -> None:
     barge-in mid-reply cuts the server's turn to what was heard before the next reply."""
     async with serving(engine, token=TOKEN) as url:
         remote = RemoteEngine(url, token=TOKEN)
-        tts = MossTTSService(engine=remote, settings=MossTTSService.Settings(seed=1))
+        tts = MossTTSService(engine=remote, settings=MossTTSService.Settings(seed=1),
+                             session_id="call-42")
         capture = MossUserTurnCapture(tts, capture_audio=True)
         rec = Recorder()
         speaker = RealtimeSpeaker(SR)
@@ -102,6 +103,7 @@ async def test_a_call_over_the_remote_engine(engine) -> None:
     assert stopped() == [marks["first"], marks["last"]]
 
     assert isinstance(tts.conversation, RemoteConversation)
+    assert tts.conversation.session_id == "call-42"  # the call id routes every reconnect
     turns = tts.conversation.turns
     assert [t.role for t in turns] == ["user", "assistant"] * 3
     assert [t.text for t in turns[0::2]] == ["Hello there.", "Tell me a story.", "Never mind."]
