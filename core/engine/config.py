@@ -32,7 +32,9 @@ class EngineConfig:
         first_chunk_frames: frames in the first chunk of a turn (time to first audio).
         chunk_frames: frames in later chunks. Chunks ramp up to it (never more frames than
             already delivered: 1, 1, 2, 4, ...) so a listener who starts playing at the first
-            chunk does not run dry while a bigger chunk fills.
+            chunk does not run dry while a bigger chunk fills; a chunk is also cut early when
+            the listener's audio would end before the rest of it arrives at real-time speed
+            (near full load, when frames come barely faster than they play).
         kv_block_size: rows per KV block.
         kv_num_blocks: KV blocks in the shared pool (None: enough for `max_conversations`
             conversations of `kv_rows_per_conversation` rows each, and on CUDA at most

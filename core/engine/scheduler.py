@@ -4,7 +4,8 @@ Every stream that has input and is under its real-time lead cap advances one fra
 Only when the frame budget (`max_batch`) or the prefill row budget (`prefill_chunk`) is exceeded
 does order matter, and then the stream with the least audio buffered ahead of playback goes first
 (it is the one about to run dry). Prompt prefill is chunked under its own row budget so a new turn
-with a long history never stalls streams that are already speaking.
+with a long history never stalls streams that are already speaking. `chunk_ready` decides when
+a stream's sampled frames go out: holding them for a bigger chunk must not starve a listener.
 """
 
 from __future__ import annotations
@@ -112,6 +113,17 @@ def plan_step(
     if not decode and not prefill and capped_waits:
         wake = max(0.0, min(capped_waits))
     return StepPlan(tuple(prefill), tuple(decode), wake)
+
+
+def chunk_ready(pending: int, due: int, *, ahead_s: float | None, frame_s: float) -> bool:
+    """Cut a chunk of the `pending` frames now? Yes once `due` frames are pending, and earlier
+    when the audio the listener still has (`ahead_s`; None: not playing yet) ends before the
+    rest of the chunk could arrive at real-time speed. Holding frames back for a bigger chunk
+    is then what makes the listener run dry: near full load (a frame every 55-80 ms) the
+    ramp's 2- and 3-frame chunks arrived after the audio before them had played out."""
+    if pending >= due:
+        return True
+    return pending > 0 and ahead_s is not None and ahead_s < (due - pending) * frame_s
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from core.engine.config import EngineConfig
-from core.engine.scheduler import ListenerClock, StreamDemand
+from core.engine.scheduler import ListenerClock, StreamDemand, chunk_ready
 from core.engine.slots import SlotLease
 from core.engine.stream import AudioChunk, TurnStream
 from core.history import ASSISTANT, HistoryTurn
@@ -180,8 +180,11 @@ class TurnState:
         return max(1, min(cfg.chunk_frames, self.emitted_frames))
 
     def take_chunk(self, now: float, *, final: bool) -> AudioChunk | None:
-        """A chunk when enough frames are pending (or the turn ended), else None."""
-        if not final and self.pending_frames < self.chunk_due:
+        """A chunk when enough frames are pending, the listener would run dry waiting for more
+        (`chunk_ready`), or the turn ended; else None."""
+        ahead = None if self.clock.playback_end is None else self.clock.buffered_s(now)
+        if not final and not chunk_ready(self.pending_frames, self.chunk_due, ahead_s=ahead,
+                                         frame_s=FRAME_S):
             return None
         pcm = b"".join(self._pcm)
         energies = self._energy

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.engine.scheduler import ListenerClock, PrefillChunk, StreamDemand, plan_step
+from core.engine.scheduler import (
+    ListenerClock,
+    PrefillChunk,
+    StreamDemand,
+    chunk_ready,
+    plan_step,
+)
 
 FRAME = 0.08
 
@@ -130,6 +136,50 @@ def test_overload_spreads_the_shortfall_instead_of_starving_one_stream():
     """Beyond capacity every stream slows equally (least-buffered first), none stops entirely."""
     frames, _, _ = _simulate(8, 2, 0.02, lead_s=0.5, seconds=2.0)
     assert min(frames) > 0 and max(frames) - min(frames) <= 1
+
+
+def _ramp(frame_period_s, *, early_cut, frames=40, chunk_frames=3):
+    """One stream sampling a frame every `frame_period_s` through the engine's chunk ramp
+    (1, then never more than already delivered, up to `chunk_frames`): chunk sizes, underruns."""
+    clock, sizes, underruns = ListenerClock(), [], 0
+    emitted = pending = 0
+    for k in range(1, frames + 1):
+        now, pending = k * frame_period_s, pending + 1
+        due = 1 if emitted == 0 else min(chunk_frames, emitted)
+        ahead = None if clock.playback_end is None else clock.buffered_s(now)
+        ready = (chunk_ready(pending, due, ahead_s=ahead, frame_s=FRAME) if early_cut
+                 else pending >= due)
+        if ready:
+            underruns += clock.deliver(now, pending * FRAME)
+            sizes.append(pending)
+            emitted, pending = emitted + pending, 0
+    return sizes, underruns
+
+
+def test_chunk_ramp_cuts_early_instead_of_letting_the_listener_run_dry():
+    """Near full load (a frame every 75 ms: 64 streams on a busy CPU) the fixed ramp's 2- and
+    3-frame chunks arrive after the audio before them played out; cutting a chunk early when
+    the listener's audio would end before the rest of it arrives keeps every chunk on time."""
+    assert _ramp(0.075, early_cut=False)[1] > 0
+    sizes, underruns = _ramp(0.075, early_cut=True)
+    assert underruns == 0
+    assert max(sizes) == 3  # once the listener is far enough ahead, chunks still grow
+
+
+def test_chunk_ramp_is_unchanged_when_the_engine_is_fast():
+    """Well under real time the early cut never fires: the same chunks (no extra overhead)."""
+    assert _ramp(0.01, early_cut=True) == _ramp(0.01, early_cut=False)
+    assert _ramp(0.01, early_cut=True)[0][:4] == [1, 1, 2, 3]
+
+
+def test_chunk_ready_holds_the_first_chunk_and_never_cuts_an_empty_one():
+    """Before playback starts nothing can run dry (a larger first chunk fills as configured);
+    with no frame pending there is nothing to send."""
+    assert not chunk_ready(1, 3, ahead_s=None, frame_s=FRAME)
+    assert not chunk_ready(0, 3, ahead_s=0.0, frame_s=FRAME)
+    assert chunk_ready(1, 3, ahead_s=0.15, frame_s=FRAME)  # 2 frames to go need 0.16 s
+    assert not chunk_ready(1, 3, ahead_s=0.16, frame_s=FRAME)
+    assert chunk_ready(3, 3, ahead_s=None, frame_s=FRAME)
 
 
 @st.composite
