@@ -53,7 +53,6 @@ class RemoteEngine:
         if not urls:
             raise ValueError("RemoteEngine needs at least one server url")
         self.http_urls, self.ws_urls = zip(*(_urls(u) for u in urls), strict=True)
-        self.http_url, self.ws_url = self.http_urls[0], self.ws_urls[0]
         self.token = token
         self.config = config or EngineConfig()
         self._voice_timeout_s = voice_timeout_s

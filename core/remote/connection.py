@@ -47,10 +47,6 @@ class Connection:
         self._ended = False
 
     @property
-    def started(self) -> bool:
-        return self._task is not None
-
-    @property
     def ended(self) -> bool:
         """The socket is gone (or was closed before it opened): nothing more goes out."""
         return self._ended
