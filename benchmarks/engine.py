@@ -123,34 +123,39 @@ def capacities(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, int], dic
     return out
 
 
+def token_deltas(tokenizer, text: str) -> list[str]:
+    """`text` as an LLM streams it: one delta per token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(ids[:k + 1])[len(tokenizer.decode(ids[:k])):] for k in range(len(ids))]
+
+
+async def paced_feed(stream, deltas: list[str], lead_tokens: int = 12) -> float:
+    """Push `deltas` at TOKENS_PER_S, then end the text; returns when the lead was reached (the
+    `lead_tokens`-th token, or the end of a shorter text): the earliest the engine can start."""
+    lead_at: float | None = None
+    t0 = time.perf_counter()
+    for k, delta in enumerate(deltas):
+        await asyncio.sleep(max(0.0, t0 + k / TOKENS_PER_S - time.perf_counter()))
+        stream.push_text(delta)
+        if k == lead_tokens - 1:
+            lead_at = time.perf_counter()
+    stream.end_text()
+    return lead_at or time.perf_counter()
+
+
 async def latency(engine: Engine, n: int, stagger_s: float, repeat: int) -> dict:
     """Paced text at 30 tokens/s, lead cap on: first-audio latency and underruns (the repeat
     with the lowest p95; every repeat is in `runs`)."""
-    tok = engine.tokenizer
-    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
-    deltas = [tok.decode(ids[:k + 1])[len(tok.decode(ids[:k])):] for k in range(len(ids))]
+    deltas = token_deltas(engine.tokenizer, TEXT)
 
     async def one(i: int, start_delay: float) -> tuple[float, int, float]:
         await asyncio.sleep(start_delay)
         conv = engine.conversation(sampling=SamplingParams(seed=i))
         stream = conv.speak()
-        lead_at: float | None = None
         first_at: float | None = None
         playback_end = None
         underruns = 0
-
-        async def feed() -> None:
-            nonlocal lead_at
-            t0 = time.perf_counter()
-            for k, delta in enumerate(deltas):
-                await asyncio.sleep(max(0.0, t0 + k / TOKENS_PER_S - time.perf_counter()))
-                stream.push_text(delta)
-                if k == 11:
-                    lead_at = time.perf_counter()
-            stream.end_text()
-            lead_at = lead_at or time.perf_counter()
-
-        feeder = asyncio.ensure_future(feed())
+        feeder = asyncio.ensure_future(paced_feed(stream, deltas))
         try:
             async for chunk in stream:
                 now = time.perf_counter()
@@ -161,9 +166,9 @@ async def latency(engine: Engine, n: int, stagger_s: float, repeat: int) -> dict
                 start = now if playback_end is None or now > playback_end else playback_end
                 playback_end = start + chunk.duration_s
         finally:
-            await feeder
+            lead_at = await feeder
             conv.close()
-        assert lead_at is not None and first_at is not None and stream.ttfa_s is not None
+        assert first_at is not None and stream.ttfa_s is not None
         return first_at - lead_at, underruns, stream.ttfa_s
 
     await asyncio.gather(*(one(2000 + i, 0.0) for i in range(min(n, 2))))  # warm-up

@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from remote import FRAME_S, TOKEN, build_engine, first_audio  # noqa: E402
+from engine import token_deltas  # noqa: E402
+from remote import FRAME_S, TEXT, TOKEN, build_engine, first_audio  # noqa: E402
 
 from core import SamplingParams  # noqa: E402
 from core.engine.metrics import percentile  # noqa: E402
@@ -60,10 +61,7 @@ async def latency(args: argparse.Namespace, url: str, engine) -> list[dict]:
     from core.remote import RemoteEngine
 
     remote = RemoteEngine(url, token=TOKEN)
-    tok = engine.tokenizer
-    ids = tok("Hello there, this is a short reply that the benchmark streams word by word. " * 2,
-              add_special_tokens=False)["input_ids"]
-    deltas = [tok.decode(ids[:k + 1])[len(tok.decode(ids[:k])):] for k in range(len(ids))]
+    deltas = token_deltas(engine.tokenizer, TEXT)
     rows = []
     try:
         await first_audio(engine, 2, deltas)  # warm-up, both paths

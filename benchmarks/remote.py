@@ -39,10 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts, not a package
+
+from engine import paced_feed, token_deltas  # noqa: E402
+
 from core import Engine, EngineConfig, SamplingParams  # noqa: E402
 from core.engine.metrics import percentile  # noqa: E402
 
-TOKENS_PER_S = 30.0
 FRAME_S = 0.08
 TEXT = "Hello there, this is a short reply that the benchmark streams word by word. " * 2
 TOKEN = "benchmark-token-0123456789"
@@ -69,28 +72,16 @@ async def first_audio(engine, n: int, deltas: list[str]) -> tuple[list[float], f
         nonlocal audio_s
         conv = engine.conversation(sampling=SamplingParams(seed=i))
         stream = conv.speak()
-        lead_at: float | None = None
         first_at: float | None = None
-
-        async def feed() -> None:
-            nonlocal lead_at
-            t0 = time.perf_counter()
-            for k, delta in enumerate(deltas):
-                await asyncio.sleep(max(0.0, t0 + k / TOKENS_PER_S - time.perf_counter()))
-                stream.push_text(delta)
-                if k == 11:
-                    lead_at = time.perf_counter()
-            stream.end_text()
-
-        feeder = asyncio.ensure_future(feed())
+        feeder = asyncio.ensure_future(paced_feed(stream, deltas))
         try:
             async for chunk in stream:
                 first_at = first_at or time.perf_counter()
                 audio_s += chunk.duration_s
         finally:
-            await feeder
+            lead_at = await feeder
             await conv.aclose()
-        assert lead_at is not None and first_at is not None
+        assert first_at is not None
         return first_at - lead_at
 
     t0 = time.perf_counter()
@@ -106,9 +97,7 @@ async def main(args: argparse.Namespace) -> dict:
     model_dir, codec_dir = write_tiny(tmp)
     n_max = max(args.streams)
     engine = build_engine(model_dir, codec_dir, n_max, args.threads)
-    tok = engine.tokenizer
-    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
-    deltas = [tok.decode(ids[:k + 1])[len(tok.decode(ids[:k])):] for k in range(len(ids))]
+    deltas = token_deltas(engine.tokenizer, TEXT)
     if args.server == "inline":
         from core.server.run import serving
 
