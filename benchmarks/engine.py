@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stagger", type=float, default=1.0, help="paced: start spread (s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--step", choices=["eager", "compiled"], nargs="+", default=["eager"],
-                        help="frame steps to compare, interleaved (compiled: CPU, per bucket; "
-                             "EngineConfig.compile_step)")
+                        help="frame steps to compare, interleaved (compiled: CPU, frame and "
+                             "codec graphs; EngineConfig.compile_step)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from core.tiny import write_tiny

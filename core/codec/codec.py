@@ -18,7 +18,7 @@ from torch import nn
 from core.codec.config import CodecConfig, PatchSpec, TransformerSpec
 from core.codec.layers import ProjectedTransformer, patch_down, patch_up
 from core.codec.quantizer import ResidualLFQ, official_quantizer_keys
-from core.codec.streaming import CodecDecodeState
+from core.codec.streaming import CodecDecodeState, SlotState
 from core.device import COMPUTE_DTYPES
 from core.errors import CheckpointError
 from core.hub import load_safetensors, read_json, resolve_pretrained
@@ -215,13 +215,25 @@ class MossAudioCodec(nn.Module):
             raise ValueError(f"slots must be [{n}], got {tuple(slots.shape)}")
         contiguous = self._contiguous(slots, state.num_slots)
         slots = slots.to(self._device, torch.long)
-        frames = state.frames.index_select(0, slots)
+        wave = self.decode_rows(codes, slots, state.frames.index_select(0, slots), state.stages,
+                                contiguous)
+        state.frames.index_add_(0, slots, torch.ones_like(slots))
+        return wave
+
+    def decode_rows(
+        self, codes: torch.Tensor, slots: torch.Tensor, frames: torch.Tensor,
+        stages: list[SlotState], contiguous: slice | None = None,
+    ) -> torch.Tensor:
+        """The body of `decode_step` without its checks and without advancing `frames`, so it
+        can be traced (`core.codec.compiled`): codes Long[N, nq] of slots Long[N] (device) at
+        frame positions Long[N] -> Float[N, 1920]; writes the slots' rings in `stages`."""
+        n = codes.shape[0]
         x = (
             self.quantizer.decode(codes.to(self._device))
             .to(self._dtype_of(self.decoder))
             .unsqueeze(1)
         )
-        stage_states = iter(state.stages)
+        stage_states = iter(stages)
         for spec, stage, per_call in zip(
             self.config.decoder, self.decoder, self._per_call, strict=True
         ):
@@ -229,7 +241,6 @@ class MossAudioCodec(nn.Module):
                 x = patch_up(x, spec.patch_size)
             else:
                 x = stage.step(x, frames * per_call, slots, contiguous, next(stage_states))
-        state.frames.index_add_(0, slots, torch.ones_like(slots))
         return x.reshape(n, self.frame_samples).float()
 
     @staticmethod

@@ -65,7 +65,7 @@ class Engine:
         runner = ModelRunner(model, codec, self.kv, num_slots=config.max_streams,
                              compile_step=config.compile_step)
         # Compiled before the engine thread starts: never on the hot path of a live stream.
-        self.warmup_s = runner.frame_step.warm_up()
+        self.warmup_s = runner.warm_up()
         self._loop = EngineLoop(
             config=config, inbox=self._inbox, kv=self.kv, builder=self.builder, runner=runner,
             tokenizer=tokenizer, sample_rate=codec.sample_rate)

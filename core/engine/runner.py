@@ -3,7 +3,8 @@
 All active streams share each call: prefill chunks and 1-row decode steps go into one varlen
 `forward_rows`, every stream that needs a frame is sampled in one 16-codebook depth pass, and
 every real frame is decoded in one batched `decode_step`. The depth pass and its draws are the
-`FrameStep` (eager, or compiled per batch bucket on the CPU: `EngineConfig.compile_step`).
+`FrameStep` (eager, or one compiled graph per frame on the CPU: `EngineConfig.compile_step`),
+and so is the codec step (`core.codec.compiled`).
 Per-stream device state (sampler history and random counter, codec ring caches) lives in slots;
 a new turn resets its slot.
 
@@ -14,6 +15,7 @@ first such frame, so the engine ends the turn there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from core.codec import MossAudioCodec
+from core.codec.compiled import CompiledDecode
 from core.codec.streaming import CodecDecodeState
 from core.model import KVPool, MossTTSRealtime, SamplerBatch
 from core.model.frame_step import FrameStep, make_frame_step
@@ -81,9 +84,19 @@ class ModelRunner:
         self.sampler = SamplerBatch(num_slots, device=self.device, rvq=cfg.rvq,
                                     max_window=MAX_REPETITION_WINDOW)
         self.codec_state: CodecDecodeState = codec.init_decode_state(num_slots)
-        # At most one sampled row per slot and tick: the buckets stop at num_slots.
+        # At most one sampled row per slot and tick: the compiled step serves up to num_slots.
         self.frame_step: FrameStep = make_frame_step(model, self.sampler, num_slots,
                                                      compile_step=compile_step)
+        self.decode: Callable[[Tensor, Tensor, CodecDecodeState], Tensor] = codec.decode_step
+        if compile_step and self.device.type == "cpu":
+            self.decode = CompiledDecode(codec, cfg.rvq)
+
+    def warm_up(self) -> float:
+        """Compile what is compiled (nothing on the eager path); returns the seconds it took."""
+        seconds = self.frame_step.warm_up()
+        if isinstance(self.decode, CompiledDecode):
+            seconds += self.decode.warm_up(self.codec_state)
+        return seconds
 
     def start_turn(self, slot: int, params: SamplingParams, counter: int) -> None:
         """Reset a slot for a new turn: sampler params/history (random counter continues from
@@ -118,12 +131,12 @@ class ModelRunner:
         valid = (codes_cpu < self.pad_code).all(dim=1)
         audio: list[FrameAudio | None] = [None] * len(sel)
         if bool(valid.all()) and slot_ids == sorted(slot_ids):  # the usual tick: no reorder
-            wave = self.codec.decode_step(codes, slots, self.codec_state)
+            wave = self.decode(codes, slots, self.codec_state)
             audio = frame_audio(wave.float().cpu().numpy())
         elif bool(valid.any()):
             idx = valid.nonzero().flatten()
             idx = idx[slots[idx].argsort()]  # ascending slots: the codec's contiguous fast path
-            wave = self.codec.decode_step(codes[idx.to(codes.device)], slots[idx], self.codec_state)
+            wave = self.decode(codes[idx.to(codes.device)], slots[idx], self.codec_state)
             for i, frame in zip(idx.tolist(), frame_audio(wave.float().cpu().numpy()), strict=True):
                 audio[i] = frame
         return StepOutput(codes_cpu, audio, None if logits is None else logits.cpu())

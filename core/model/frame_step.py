@@ -1,43 +1,42 @@
 """FrameStep: a frame's work after the backbone (16 depth steps and their draws), eager or
-compiled per batch bucket.
+compiled.
 
 On the tiny checkpoint almost all of a frame is host overhead: one operator dispatch per small
-op, some 40 per depth step. `CompiledFrameStep` (CPU, inductor) runs each depth step as one
-compiled graph with fixed shapes: the codebook is a tensor (rope, head and frame-cache position
-picked by index), the frame cache holds all 16 positions (later ones masked), and the batch is
-padded to a bucket (1, 2, 4, ... 64). Batches below the sampler's fast path (1 and 2 rows) draw
-inside the graph too (the static full-sort draw); larger ones take the sampler's exact numpy
-fast path on the graph's logits, which a compiled full sort is slower than (measured).
+op, some 40 per depth step, and on top of that one compiled call per step costs ~100 us (guards,
+wrappers). `CompiledFrameStep` (CPU, inductor) therefore runs the whole frame as one graph: the
+16 depth steps are a `scan` over (codebook, head) with the frame cache as its carry, the codebook
+a tensor (rope and cache position picked by index), the frame cache holding all 16 positions
+(later ones masked), and each step's draw inside: the sampler's top-k draw over 64 candidates
+(`SamplerBatch.draw_top`, no full-vocab sort). One graph serves every batch (the batch is a
+dynamic dimension; a lone row runs as two copies of itself, so there is no graph for batch 1).
 
-Padding rows get a zero hidden state and read the sampler rows of the first real slot; their
-codes are dropped and only real rows are committed, so they never touch a slot's state. The
-eager step (`MossTTSRealtime.sample_frame`) stays the reference and the path for CUDA (where
-the seam for CUDA graphs is the same per-bucket step) and for logits tracing. Both read and
-advance the same sampler state, so a tick may take either.
+A frame the top-k graph cannot serve (some row without top-k or with top_k above 56, or ties
+with a k-th value that run past the candidates: ~never) takes the fallback: one compiled graph
+per depth step (same dynamic batch) and the sampler's exact host draw on its logits. The eager
+step (`MossTTSRealtime.sample_frame`) stays the reference and the path for CUDA and for logits
+tracing. All read and advance the same sampler state, so a tick may take any of them; only real
+rows are committed (the copy of a lone row is dropped).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 
+from core.device import compile_step
 from core.model.depth import Depth
 from core.model.moss import MossTTSRealtime
 from core.model.sampling import FrameDraw, SamplerBatch
 
 log = logging.getLogger("core.model")
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def buckets_for(max_rows: int) -> tuple[int, ...]:
-    """The buckets that batches of 1..max_rows rows pad to (beyond 64: the eager step)."""
-    larger = [b for b in BUCKETS if b >= max_rows]
-    return tuple(b for b in BUCKETS if b < max_rows) + tuple(larger[:1])
+# Candidates of the compiled top-k draw: top_k up to TOP_WIDTH - 8 (the tie margin) is served.
+TOP_WIDTH = 64
 
 
 class FrameStep:
@@ -48,7 +47,7 @@ class FrameStep:
         self.warmup_s = 0.0
 
     def warm_up(self) -> float:
-        """Prepare every bucket before the first live frame; returns the seconds it took."""
+        """Compile what is compiled before the first live frame; returns the seconds it took."""
         return self.warmup_s
 
     def __call__(self, hidden: Tensor, slots: Tensor, logits_out: Tensor | None = None) -> Tensor:
@@ -56,84 +55,118 @@ class FrameStep:
         return self.model.sample_frame(hidden, self.sampler, slots=slots, logits_out=logits_out)
 
 
-def _step_draw(
-    depth: Depth, x: Tensor, k: Tensor, v: Tensor, codebook: Tensor,
-    rope: tuple[Tensor, Tensor], frame: FrameDraw,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One depth step and its draw: (codes [B], next input, k, v)."""
-    logits, k, v = depth.codebook_step(x, k, v, codebook, rope)
-    codes = SamplerBatch.draw(logits, 0, frame.codebook(codebook))
-    return codes, depth.embed_code(codes, codebook), k, v
+def _frame_top(
+    depth: Depth, x: Tensor, k: Tensor, v: Tensor, codebooks: Tensor,
+    rope: tuple[Tensor, Tensor], heads: Tensor, frame: FrameDraw,
+) -> tuple[Tensor, Tensor]:
+    """The 16 depth steps and their top-k draws: (codes [B, 16], ok [B])."""
+
+    def step(carry: tuple[Tensor, Tensor, Tensor], xs: tuple[Tensor, Tensor]):
+        x, k, v = carry
+        codebook, head = xs
+        logits, k, v = depth.codebook_step(x, k, v, codebook, rope, head)
+        codes, ok = SamplerBatch.draw_top(logits, frame.codebook(codebook), TOP_WIDTH)
+        return (depth.embed_code(codes, codebook), k, v), (codes, ok)
+
+    _, (codes, ok) = scan(step, (x, k, v), (codebooks, heads))
+    return codes.transpose(0, 1).contiguous(), ok.all(dim=0)
 
 
 def _step_logits(
-    depth: Depth, x: Tensor, k: Tensor, v: Tensor, codebook: Tensor, rope: tuple[Tensor, Tensor]
+    depth: Depth, x: Tensor, k: Tensor, v: Tensor, codebook: Tensor,
+    rope: tuple[Tensor, Tensor], head: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One depth step: (logits [B, V], k, v)."""
-    return depth.codebook_step(x, k, v, codebook, rope)
+    return depth.codebook_step(x, k, v, codebook, rope, head)
+
+
+def _mark_batch(*tensors: Tensor, dim: int = 0) -> None:
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, dim)
 
 
 class CompiledFrameStep(FrameStep):
-    """Depth steps compiled (torch.compile, inductor) per bucket up to `max_rows` rows; CPU."""
+    """The frame compiled (torch.compile, inductor) for batches up to `max_rows` rows; CPU."""
 
     def __init__(self, model: MossTTSRealtime, sampler: SamplerBatch, max_rows: int) -> None:
         super().__init__(model, sampler)
-        self.buckets = buckets_for(max_rows)
+        self.max_rows = max_rows
         self.device, self.dtype = model.device, model.dtype
         self.vocab = model.config.audio_vocab_size
         self.logits_dtype = torch.promote_types(self.dtype, torch.float32)
         self.rope = model.depth.rope_table(self.device, self.dtype)  # built outside any trace
+        rvq = model.config.rvq
         with torch.inference_mode(False):
-            self.codebooks = [torch.tensor([i], device=self.device) for i in range(model.config.rvq)]
-        # Every bucket is its own graph; each function keeps one per bucket it serves.
-        self._draw = torch.compile(_step_draw, fullgraph=True, dynamic=False)
-        self._logits = torch.compile(_step_logits, fullgraph=True, dynamic=False)
+            self.codebook_ids = torch.arange(rvq, device=self.device).view(rvq, 1)
+            self.codebooks = list(self.codebook_ids.unbind(0))
+        with torch.inference_mode():  # views, made once (as every step would make them)
+            self.heads = model.depth.heads.detach()
+            self.head_views = self.heads.unbind(0)
+        self._top = compile_step(_frame_top, dynamic=None, cpp_wrapper=True)
+        self._logits = compile_step(_step_logits, dynamic=None)
+        self.fallbacks = 0  # frames the top-k graph could not serve
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile every bucket on a dummy frame (slot 0's state is read, nothing committed)."""
+        """Compile both graphs on a dummy 2-row frame of slot 0 (read, nothing committed)."""
         t0 = time.perf_counter()
-        for bucket in self.buckets:
-            hidden = torch.zeros(bucket, self.model.config.hidden_size, device=self.device,
-                                 dtype=self.dtype)
-            self._codes(hidden, torch.zeros(bucket, dtype=torch.long, device=self.device), bucket)
+        hidden = torch.zeros(2, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+        rows = torch.zeros(2, dtype=torch.long, device=self.device)
+        self._codes_top(hidden, rows, warm=True)
+        self._codes_stepwise(hidden, rows, warm=True)
         self.warmup_s = time.perf_counter() - t0
-        log.info("frame step compiled for buckets %s in %.1f s", self.buckets, self.warmup_s)
+        log.info("frame step compiled in %.1f s", self.warmup_s)
         return self.warmup_s
 
     def __call__(self, hidden: Tensor, slots: Tensor, logits_out: Tensor | None = None) -> Tensor:
         n = hidden.shape[0]
-        bucket = next((b for b in self.buckets if b >= n), None)
-        if logits_out is not None or bucket is None:
+        if logits_out is not None or n > self.max_rows:
             return super().__call__(hidden, slots, logits_out)
         idx = self.sampler.rows(slots, n)
-        codes = self._codes(hidden.to(self.dtype), idx, bucket)
+        x, rows = hidden.to(self.dtype), idx
+        if n == 1:  # a lone row runs as two copies of itself (no graph for batch 1)
+            x, rows = x.repeat(2, 1), idx.repeat(2)
+        codes = None
+        if self.sampler.top_fits(idx, TOP_WIDTH):
+            codes, ok = self._codes_top(x, rows)
+            if not bool(ok.all()):
+                codes = None
+        if codes is None:
+            self.fallbacks += 1
+            codes = self._codes_stepwise(x, rows)
+        codes = codes[:n]
         self.sampler.commit(codes, idx)
         return codes
 
-    def _codes(self, hidden: Tensor, idx: Tensor, bucket: int) -> Tensor:
-        """Codes [n, 16] of the real rows; the batch padded to `bucket` inside."""
-        n = hidden.shape[0]
-        pad = bucket - n
-        x = F.pad(hidden, (0, 0, 0, pad))
-        k = self.model.depth.empty_cache(bucket, self.device, self.dtype)
-        v = torch.zeros_like(k)
-        depth, rope = self.model.depth, self.rope
-        codes = torch.empty(n, len(self.codebooks), dtype=torch.long, device=self.device)
-        if bucket < self.sampler.fast_path_min_rows:
-            padded = torch.cat([idx, idx[:1].expand(pad)])  # padding reads row 0's state
-            frame = self.sampler.prepare(padded, self.vocab, self.logits_dtype, static=True)
-            for i, cb in enumerate(self.codebooks):
-                step, x, k, v = self._draw(depth, x, k, v, cb, rope, frame)
-                codes[:, i] = step[:n]
-            return codes
-        frame = self.sampler.prepare(idx, self.vocab, self.logits_dtype)
-        for i, cb in enumerate(self.codebooks):
-            logits, k, v = self._logits(depth, x, k, v, cb, rope)
-            codes[:, i] = SamplerBatch.draw(logits[:n], i, frame)
+    def _caches(self, rows: int) -> tuple[Tensor, Tensor]:
+        k = self.model.depth.empty_cache(rows, self.device, self.dtype)
+        return k, torch.zeros_like(k)
+
+    def _codes_top(self, x: Tensor, rows: Tensor, *, warm: bool = False
+                   ) -> tuple[Tensor, Tensor]:
+        k, v = self._caches(x.shape[0])
+        frame = self.sampler.prepare(rows, self.vocab, self.logits_dtype, static=True)
+        if warm:  # the dummy rows may have top-k off: give them one the graph serves
+            frame = replace(frame, top_k=frame.top_k.clamp(max=TOP_WIDTH))
+            _mark_batch(x, frame.history, frame.penalty, frame.divisor, frame.greedy, frame.top_k,
+                        frame.one_minus_top_p, frame.keys)
+            _mark_batch(k, v, dim=1)
+        return self._top(self.model.depth, x, k, v, self.codebook_ids, self.rope, self.heads,
+                         frame)
+
+    def _codes_stepwise(self, x: Tensor, rows: Tensor, *, warm: bool = False) -> Tensor:
+        k, v = self._caches(x.shape[0])
+        if warm:
+            _mark_batch(x)
+            _mark_batch(k, v, dim=1)
+        depth, codes = self.model.depth, []
+        frame = self.sampler.prepare(rows, self.vocab, self.logits_dtype)
+        for i, (cb, head) in enumerate(zip(self.codebooks, self.head_views, strict=True)):
+            logits, k, v = self._logits(depth, x, k, v, cb, self.rope, head)
+            codes.append(SamplerBatch.draw(logits, i, frame))
             if i + 1 < len(self.codebooks):
-                x = depth.embed_code(F.pad(codes[:, i], (0, pad)), cb)
-        return codes
+                x = depth.embed_code(codes[-1], cb)
+        return torch.stack(codes, dim=1)
 
 
 def make_frame_step(

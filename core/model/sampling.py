@@ -17,6 +17,12 @@ whole vocab; every draw is bit-identical to the full sort (see `_top_host`; test
 runs on numpy views of the CPU tensors (one numpy call costs ~1 us, one small torch op ~5 us,
 and a draw is some 40 small steps), keeping torch only where the bits depend on its kernels
 (softmax, cumsum, log).
+
+Compiled path (`draw_top`, traced into the compiled frame step): the same filtering on the
+`width` largest entries (torch.topk, then the full sort's order), fixed shapes, no host read; a
+row whose ties with its k-th value may run past the candidates is flagged and redrawn exactly.
+Its softmax is inductor's, so a cumulative probability within float rounding of 1 - top_p could
+cut differently from the eager draw (never seen in the tests, which compare codes).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.model.noise import M32, frame_keys, gumbel, gumbel_host, vocab_hash
+from core.model.noise import M32, frame_keys, frame_keys_host, gumbel, gumbel_host, vocab_hash
 from core.values import SamplingParams
 
 # The fast path keeps `max top_k + _TIE_MARGIN` candidates so that ties with the k-th value that
@@ -247,6 +253,10 @@ class SamplerBatch:
 
     def _keys(self, idx: Tensor) -> Tensor:
         """Noise key [B, rvq] of this frame for rows `idx`."""
+        if idx.device.type == "cpu":
+            keys = frame_keys_host(self.seed_lo[idx].numpy(), self.seed_hi[idx].numpy(),
+                                   self.counter[idx].numpy(), self.rvq)
+            return torch.from_numpy(keys.astype(np.int64))
         return frame_keys(self.seed_lo[idx], self.seed_hi[idx], self.counter[idx], self.rvq)
 
     def _vocab_hash(self, vocab: int) -> Tensor:
@@ -325,6 +335,35 @@ class SamplerBatch:
         if not frame.any_greedy:
             return sampled
         return torch.where(frame.greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def draw_top(logits: Tensor, frame: FrameDraw, width: int) -> tuple[Tensor, Tensor]:
+        """`draw` of one codebook (a static frame picked by `FrameDraw.codebook`) over the
+        `width` largest scaled logits instead of the whole sorted vocab: fixed shapes, no host
+        read, traceable. Returns (codes [B], ok [B]); a row is not ok when ties with its k-th
+        value may run past the candidates, and its code must then come from `draw`. Only for
+        rows whose top_k is at most `width` (`top_fits`). Every step is the full sort's on
+        the same candidates in the same order (ascending value, ties by ascending id)."""
+        logits = SamplerBatch._penalize(_at_least_fp32(logits), 0, frame)
+        vals, ids = (logits / frame.divisor).topk(width, dim=-1)
+        ids, by_id = ids.sort(dim=-1)
+        asc, order = vals.gather(1, by_id).sort(dim=-1, stable=True)
+        ids = ids.gather(1, order)
+        kth = asc.gather(1, width - frame.top_k)
+        ok = asc[:, 0] < kth[:, 0]  # the kept ties all lie among the candidates
+        asc = asc.masked_fill(asc < kth, float("-inf"))
+        remove = asc.softmax(dim=-1).cumsum(dim=-1) <= frame.one_minus_top_p
+        remove[:, -1] = False  # the maximum always stays
+        asc = asc.masked_fill(remove, float("-inf"))
+        noise = gumbel(frame.keys[:, :1], frame.id_hash[ids], logits.dtype)
+        sampled = ids.gather(1, (asc + noise).argmax(dim=-1, keepdim=True))[:, 0]
+        return torch.where(frame.greedy, logits.argmax(dim=-1), sampled), ok
+
+    def top_fits(self, idx: Tensor, width: int) -> bool:
+        """Every row of `idx` has top-k on and at most `width - margin` (so ties with the k-th
+        rarely spill): `draw_top` can serve the frame. Host read: CPU only."""
+        k = self.top_k[idx]
+        return bool(((k > 0) & (k <= width - _TIE_MARGIN)).all())
 
     def sample(self, logits: Tensor, codebook: int, idx: Tensor) -> Tensor:
         """One codebook for rows `idx`, preparing the frame state on the fly (convenience)."""

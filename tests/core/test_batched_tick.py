@@ -12,7 +12,7 @@ import torch
 from core.engine.runner import frame_audio
 from core.engine.turn import decode_rows
 from core.model import ModelConfig, SamplerBatch, SamplingParams
-from core.model.noise import gumbel, gumbel_host, vocab_hash
+from core.model.noise import frame_keys, frame_keys_host, gumbel, gumbel_host, vocab_hash
 from core.prompt import PromptBuilder, TokenIds
 from core.text import load_tokenizer
 
@@ -63,6 +63,19 @@ def test_host_noise_equals_torch_noise():
         host = gumbel_host(keys.numpy().astype(np.uint32), id_hash.numpy().astype(np.uint32)[ids],
                            np.dtype(str(dtype).removeprefix("torch.")))
         assert torch.equal(torch.from_numpy(host), gumbel(keys, id_hash[ids], dtype))
+
+
+def test_host_frame_keys_equal_the_tensor_hash():
+    """Prevents the CPU's numpy frame keys from drawing other noise than the device hash:
+    equal keys for random 64-bit seeds and for counters past 2**32."""
+    gen = torch.Generator().manual_seed(5)
+    seed_lo, seed_hi = (torch.randint(0, 2**32, (32,), generator=gen) for _ in range(2))
+    counter = torch.randint(0, 2**40, (32,), generator=gen)
+    counter[:4] = torch.tensor([0, 1, 2**32 - 1, 2**32])
+    host = frame_keys_host(seed_lo.numpy(), seed_hi.numpy(), counter.numpy(), 16)
+    assert host.dtype == np.uint32
+    assert torch.equal(torch.from_numpy(host.astype(np.int64)),
+                       frame_keys(seed_lo, seed_hi, counter, 16))
 
 
 def test_sampler_rollback_undoes_a_commit():

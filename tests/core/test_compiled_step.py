@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from core.codec import MossAudioCodec
+from core.codec.compiled import CompiledDecode
 from core.engine.runner import ModelRunner, RowWork
 from core.model import KVPool, MossTTSRealtime, SamplerBatch, SamplingParams
-from core.model.frame_step import CompiledFrameStep, buckets_for
+from core.model.frame_step import CompiledFrameStep
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,24 +42,19 @@ def _state(sampler: SamplerBatch) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in vars(sampler).items() if isinstance(v, torch.Tensor)}
 
 
-def test_buckets_cover_every_batch_up_to_the_slots():
-    """Prevents a batch from having no bucket: up to max_rows rows, the smallest bucket >= it."""
-    assert buckets_for(1) == (1,)
-    assert buckets_for(3) == (1, 2, 4)
-    assert buckets_for(16) == (1, 2, 4, 8, 16)
-    assert buckets_for(100) == (1, 2, 4, 8, 16, 32, 64)
-
-
 @torch.inference_mode()
 def test_compiled_codes_and_sampler_state_equal_eager(model: MossTTSRealtime):
     """Prevents the compiled step from drawing other codes than the eager reference, or from
-    letting padding rows write into any slot: at 1, 2, 3 (padded to 4) and 5 (padded to 8)
-    rows in scattered slots, over frames long enough to wrap the penalty window, codes and
-    every sampler tensor (history, counters: all slots) equal the eager step's."""
+    letting the copy of a lone row write into any slot: at 1 (run as 2), 2, 3 and 5 rows in
+    scattered slots, over frames long enough to wrap the penalty window, codes and every
+    sampler tensor (history, counters: all slots) equal the eager step's. Frames with a slot
+    that has top-k off take the fallback, the others the whole-frame top-k graph."""
     gen = torch.Generator().manual_seed(0)
     eager, compiled = _sampler(), _sampler()
     step = CompiledFrameStep(model, compiled, max_rows=5)
-    for slots in ([4], [7, 1], [5, 0, 3], [6, 2, 4, 1, 7]):
+    step.warm_up()
+    schedule = ([4], [7, 1], [5, 0, 3], [6], [6, 2, 4, 1, 7], [2, 3, 5, 0, 1])
+    for slots in schedule:
         idx = torch.tensor(slots)
         for _ in range(6):
             hidden = torch.randn(len(slots), model.config.hidden_size, generator=gen)
@@ -65,6 +63,21 @@ def test_compiled_codes_and_sampler_state_equal_eager(model: MossTTSRealtime):
             assert torch.equal(got, want), slots
             for name, value in _state(eager).items():
                 assert torch.equal(getattr(compiled, name), value), (slots, name)
+    assert step.fallbacks == 12  # the frames with slot 6 (top-k off), no other
+
+
+@torch.inference_mode()
+def test_ties_past_the_candidates_fall_back_to_the_exact_draw(model: MossTTSRealtime):
+    """Prevents the top-k graph from cutting ties with the k-th value at its 64 candidates: a
+    zero hidden state gives codebook 0 all-equal logits (every id ties), the frame falls back
+    and its codes equal the eager full-sort draw's."""
+    eager, compiled = _sampler(), _sampler()
+    step = CompiledFrameStep(model, compiled, max_rows=3)
+    idx = torch.tensor([0, 3, 5])
+    hidden = torch.zeros(3, model.config.hidden_size)
+    want = model.sample_frame(hidden, eager, slots=idx)
+    assert torch.equal(step(hidden, idx), want)
+    assert step.fallbacks == 1
 
 
 def _runner(model: MossTTSRealtime, codec: MossAudioCodec, *, compile_step: bool):
@@ -79,18 +92,28 @@ def _runner(model: MossTTSRealtime, codec: MossAudioCodec, *, compile_step: bool
 @torch.inference_mode()
 def test_compiled_runner_gives_eager_codes_and_audio(model: MossTTSRealtime,
                                                      tiny_dirs: tuple[Path, Path]):
-    """Prevents a compiled engine from sounding different: three streams (padded to 4) through
-    whole ticks (backbone, frame step, codec) give the eager runner's codes and audio."""
+    """Prevents a compiled engine from sounding different or compiling on a live stream:
+    three, then two, then one stream through whole ticks (backbone, frame step, codec) give
+    the eager runner's codes, and its audio within one int16 step (the compiled codec's float
+    sums are ordered differently: ~1e-6); after warm-up no tick compiles a graph."""
     codec = MossAudioCodec.from_pretrained(tiny_dirs[1])
     runs = [_runner(model, codec, compile_step=c) for c in (False, True)]
     assert type(runs[1][0].frame_step) is CompiledFrameStep
-    runs[1][0].frame_step.warm_up()
+    assert type(runs[1][0].decode) is CompiledDecode
+    runs[1][0].warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the counter counts this process's compiled graphs
     prev = torch.zeros(3, 16, dtype=torch.long)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
+    for live in (3, 3, 3, 2, 2, 1, 1):
         rows = torch.cat([torch.randint(0, 400, (3, 1), generator=gen), prev], dim=1)
-        outs = [r.step([RowWork(s, rows[i : i + 1], i) for i, s in enumerate(seqs)])
+        outs = [r.step([RowWork(s, rows[i : i + 1], i) for i, s in enumerate(seqs[:live])])
                 for r, seqs in runs]
         assert torch.equal(outs[1].codes, outs[0].codes)
-        assert outs[1].audio == outs[0].audio
-        prev = outs[0].codes.clamp(max=1023)
+        for got, want in zip(outs[1].audio, outs[0].audio, strict=True):
+            assert got is not None and want is not None
+            pcm = [np.frombuffer(a.pcm16, dtype="<i2").astype(int) for a in (got, want)]
+            assert np.abs(pcm[0] - pcm[1]).max() <= 1
+            assert got.energy == pytest.approx(want.energy, rel=1e-5)
+        prev[:live] = outs[0].codes.clamp(max=1023)
+    assert counters["stats"]["unique_graphs"] == graphs

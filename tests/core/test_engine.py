@@ -498,14 +498,14 @@ async def test_a_failing_stream_fails_alone(parts, monkeypatch, where):
 
             monkeypatch.setattr(engine.model, "forward_rows", faulty)
         else:  # fails after the KV, sampler history and random counters advanced
-            real = engine.codec.decode_step
+            real = loop.runner.decode
 
             def faulty(codes, slots, state):
                 if bad_in(slots=slots.tolist()):
                     raise RuntimeError("injected fault")
                 return real(codes, slots, state)
 
-            monkeypatch.setattr(engine.codec, "decode_step", faulty)
+            monkeypatch.setattr(loop.runner, "decode", faulty)
         results = await asyncio.gather(speak(good, TEXT), speak(bad, TEXT), return_exceptions=True)
         assert isinstance(results[1], StreamFailed)
         assert isinstance(results[1].__cause__, RuntimeError)
@@ -715,7 +715,8 @@ async def test_a_failed_turn_keeps_the_audio_it_delivered(parts, monkeypatch):
         await speak(ref_conv, LONG_TEXT)
         reference = frames_of(ref_conv)
         conv = engine.conversation(sampling=SamplingParams(seed=5))
-        real, calls = engine.codec.decode_step, [0]
+        runner = engine._loop.runner
+        real, calls = runner.decode, [0]
 
         def faulty(codes, slots, state):
             calls[0] += 1
@@ -723,7 +724,7 @@ async def test_a_failed_turn_keeps_the_audio_it_delivered(parts, monkeypatch):
                 raise RuntimeError("injected fault")
             return real(codes, slots, state)
 
-        monkeypatch.setattr(engine.codec, "decode_step", faulty)
+        monkeypatch.setattr(runner, "decode", faulty)
         got = []
         with pytest.raises(StreamFailed):
             _, got = await _collect(conv, LONG_TEXT, got)
