@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     serve.add_argument("--max-streams", type=int, default=16, help="turns speaking at once")
     serve.add_argument("--max-conversations", type=int, default=64, help="open conversations")
+    serve.add_argument("--compile", action="store_true",
+                       help="CPU: compile the frame and codec steps at start (~50 s the first "
+                            "time, ~10 s cached; EngineConfig.compile_step)")
     serve.add_argument("--ray", action="store_true",
                        help="scale out on Ray Serve: one engine replica per GPU behind Ray's "
                             "proxy, sticky by session (needs the `ray` extra)")
@@ -401,7 +404,8 @@ def _serve(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     try:
         config = EngineConfig(max_streams=args.max_streams,
-                              max_conversations=args.max_conversations)
+                              max_conversations=args.max_conversations,
+                              compile_step=args.compile)
     except ValueError as exc:
         raise CliError(f"--max-streams/--max-conversations: {exc}") from exc
     if args.ray:
@@ -420,6 +424,8 @@ def _serve(args: argparse.Namespace) -> int:
             _check_configs(model_dir, codec_dir)
         _note(f"loading the engine on {device} ...")
         engine = Engine.from_pretrained(model_dir, codec_dir, device=device, config=config)
+        if engine.warmup_s:
+            _note(f"compiled the frame and codec steps in {engine.warmup_s:.1f} s")
         _note(f"serving on http://{args.host}:{args.port} (WebSocket /v1/conversation)")
         serve(engine, options, token)
     return 0
@@ -435,7 +441,8 @@ def _serve_ray(args: argparse.Namespace, token: str, device: str, config: Engine
     if not args.tiny:
         model = _check_source(DEFAULT_MODEL if args.model is None else args.model, "model")
         codec = _check_source(DEFAULT_CODEC if args.codec is None else args.codec, "codec")
-    engine = {"max_streams": config.max_streams, "max_conversations": config.max_conversations}
+    engine = {"max_streams": config.max_streams, "max_conversations": config.max_conversations,
+              "compile_step": config.compile_step}
     try:  # local directories as absolute paths: a replica's working directory is Ray's
         spec = RayServeSpec(model=_source_arg(model), codec=_source_arg(codec), tiny=args.tiny,
                             device=device, engine=engine, replicas=args.replicas,

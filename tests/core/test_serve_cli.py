@@ -30,6 +30,32 @@ def test_serve_refuses_to_start_without_a_token(monkeypatch, capsys, tmp_path):
     assert "not a TCP port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_serve_compile_flag_reaches_the_engine_config(monkeypatch, capsys, flags):
+    """Prevents `serve --compile` from being dropped on the way: the engine it loads is
+    configured with `compile_step` exactly when the flag is given, and the compile time is
+    reported (the engine load and the server are stand-ins here; the compile is tested in
+    tests/core/test_compiled_step.py)."""
+    import core
+    import core.server.run
+
+    loaded = []
+
+    class Loaded:
+        warmup_s = 12.5 if flags else 0.0
+
+    def from_pretrained(model, codec, *, device, config):
+        loaded.append(config)
+        return Loaded()
+
+    monkeypatch.setenv(TOKEN_ENV, GOOD)
+    monkeypatch.setattr(core.Engine, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(core.server.run, "serve", lambda engine, options, token: None)
+    assert main(["serve", "--tiny", "--device", "cpu", *flags]) == 0
+    assert [c.compile_step for c in loaded] == [bool(flags)]
+    assert ("compiled the frame and codec steps in 12.5 s" in capsys.readouterr().err) == bool(flags)
+
+
 def test_token_file_wins_and_the_check_is_exact(tmp_path):
     secret = tmp_path / "token"
     secret.write_text(GOOD + "\n")
