@@ -49,9 +49,10 @@ def compile_step(
     dimensions those guards cost some 20 us per call, a tenth of a compiled depth step).
     `cpp_wrapper` calls the graph's kernels from C++ instead of Python: less host time per
     call for a graph of many kernels, more compile time for a small one (measured per step)."""
-    options: dict[str, Any] = {
-        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-    }
+    options: dict[str, Any] = {}
+    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip_module_guards is not None:  # missing from older torch: guards stay
+        options["guard_filter_fn"] = skip_module_guards
     if cpp_wrapper:
         options["cpp_wrapper"] = True
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)

@@ -26,12 +26,16 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-from torch._higher_order_ops.scan import scan
 
 from core.device import compile_step
 from core.model.depth import Depth
 from core.model.moss import MossTTSRealtime
 from core.model.sampling import FrameDraw, SamplerBatch
+
+try:  # a prototype operator of torch; where it is missing, every frame runs step by step
+    from torch._higher_order_ops.scan import scan
+except ImportError:  # pragma: no cover - older torch
+    scan = None
 
 log = logging.getLogger("core.model")
 
@@ -102,7 +106,11 @@ class CompiledFrameStep(FrameStep):
         with torch.inference_mode():  # views, made once (as every step would make them)
             self.heads = model.depth.heads.detach()
             self.head_views = self.heads.unbind(0)
-        self._top = compile_step(_frame_top, dynamic=None, cpp_wrapper=True)
+        self._top = None if scan is None else compile_step(_frame_top, dynamic=None,
+                                                            cpp_wrapper=True)
+        if self._top is None:
+            log.warning("torch %s has no scan operator: the compiled frame runs step by step",
+                        torch.__version__)
         self._logits = compile_step(_step_logits, dynamic=None)
         self.fallbacks = 0  # frames the top-k graph could not serve
 
@@ -112,7 +120,8 @@ class CompiledFrameStep(FrameStep):
         t0 = time.perf_counter()
         hidden = torch.zeros(2, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
         rows = torch.zeros(2, dtype=torch.long, device=self.device)
-        self._codes_top(hidden, rows, warm=True)
+        if self._top is not None:
+            self._codes_top(hidden, rows, warm=True)
         self._codes_stepwise(hidden, rows, warm=True)
         self.warmup_s = time.perf_counter() - t0
         log.info("frame step compiled in %.1f s", self.warmup_s)
@@ -127,7 +136,7 @@ class CompiledFrameStep(FrameStep):
         if n == 1:  # a lone row runs as two copies of itself (no graph for batch 1)
             x, rows = x.repeat(2, 1), idx.repeat(2)
         codes = None
-        if self.sampler.top_fits(idx, TOP_WIDTH):
+        if self._top is not None and self.sampler.top_fits(idx, TOP_WIDTH):
             codes, ok = self._codes_top(x, rows)
             if not bool(ok.all()):
                 codes = None
@@ -144,6 +153,7 @@ class CompiledFrameStep(FrameStep):
 
     def _codes_top(self, x: Tensor, rows: Tensor, *, warm: bool = False
                    ) -> tuple[Tensor, Tensor]:
+        assert self._top is not None
         k, v = self._caches(x.shape[0])
         frame = self.sampler.prepare(rows, self.vocab, self.logits_dtype, static=True)
         if warm:  # the dummy rows may have top-k off: give them one the graph serves

@@ -80,6 +80,24 @@ def test_ties_past_the_candidates_fall_back_to_the_exact_draw(model: MossTTSReal
     assert step.fallbacks == 1
 
 
+@torch.inference_mode()
+def test_without_scan_every_frame_runs_step_by_step(model: MossTTSRealtime, monkeypatch):
+    """Prevents a torch without the scan operator from breaking the compiled step: it warns
+    and serves every frame through the per-step graph, with the eager codes."""
+    import core.model.frame_step as frame_step
+
+    monkeypatch.setattr(frame_step, "scan", None)
+    eager, compiled = _sampler(), _sampler()
+    step = CompiledFrameStep(model, compiled, max_rows=2)
+    step.warm_up()
+    gen = torch.Generator().manual_seed(4)
+    for slots in ([3], [0, 5]):
+        idx = torch.tensor(slots)
+        hidden = torch.randn(len(slots), model.config.hidden_size, generator=gen)
+        assert torch.equal(step(hidden, idx), model.sample_frame(hidden, eager, slots=idx))
+    assert step.fallbacks == 2
+
+
 def _runner(model: MossTTSRealtime, codec: MossAudioCodec, *, compile_step: bool):
     kv = KVPool(model.config, num_blocks=16, block_size=16, dtype=torch.float32)
     runner = ModelRunner(model, codec, kv, num_slots=4, compile_step=compile_step)
