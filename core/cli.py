@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-streams", type=int, default=16, help="turns speaking at once")
     serve.add_argument("--max-conversations", type=int, default=64, help="open conversations")
     serve.add_argument("--compile", action="store_true",
-                       help="CPU: compile the frame and codec steps at start (~50 s the first "
-                            "time, ~10 s cached; EngineConfig.compile_step)")
+                       help="CPU: compile the frame and codec steps at start (~45 s the first "
+                            "time, ~11 s cached; EngineConfig.compile_step)")
     serve.add_argument("--ray", action="store_true",
                        help="scale out on Ray Serve: one engine replica per GPU behind Ray's "
                             "proxy, sticky by session (needs the `ray` extra)")
@@ -408,6 +408,8 @@ def _serve(args: argparse.Namespace) -> int:
                               compile_step=args.compile)
     except ValueError as exc:
         raise CliError(f"--max-streams/--max-conversations: {exc}") from exc
+    if args.compile and device.type != "cpu":
+        _note(f"--compile applies to the CPU only: on {device} the eager step runs")
     if args.ray:
         return _serve_ray(args, token, "cuda" if device.type == "cuda" else args.device, config)
     options = ServeOptions(host=args.host, port=args.port, token_file=args.token_file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -44,15 +45,19 @@ def resolve_device(device: str | torch.device | None = AUTO) -> torch.device:
 def compile_step(
     fn: Callable[..., Any], *, dynamic: bool | None = False, cpp_wrapper: bool = False
 ) -> Callable[..., Any]:
-    """`torch.compile` as the engine's per-tick steps use it: one whole graph (`fullgraph`) and
-    no guards on the modules (their weights are loaded once and never reassigned; at tiny
-    dimensions those guards cost some 20 us per call, a tenth of a compiled depth step).
-    `cpp_wrapper` calls the graph's kernels from C++ instead of Python: less host time per
-    call for a graph of many kernels, more compile time for a small one (measured per step)."""
+    """`torch.compile` as the engine's per-tick steps use it: one whole graph (`fullgraph`), no
+    guards on the modules (their weights are loaded once and never reassigned; the guards on
+    every weight cost ~0.1 ms per call at tiny dimensions, a twentieth of a compiled frame).
+    Without those guards a graph must never serve another model: dynamo keeps graphs per code
+    object, so each call compiles a private copy of `fn` (one per engine; inductor's disk cache
+    still shares identical graphs). `cpp_wrapper` calls the graph's kernels from C++ instead
+    of Python: less host time per call for a graph of many kernels, more compile time."""
     options: dict[str, Any] = {}
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if skip_module_guards is not None:  # missing from older torch: guards stay
         options["guard_filter_fn"] = skip_module_guards
     if cpp_wrapper:
         options["cpp_wrapper"] = True
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+    private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                 fn.__defaults__, fn.__closure__)
+    return torch.compile(private, fullgraph=True, dynamic=dynamic, options=options)

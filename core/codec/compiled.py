@@ -1,7 +1,7 @@
 """CompiledDecode: the codec's streaming decode step as one compiled graph (CPU, inductor).
 
 On the tiny checkpoint `decode_step` is ~1.7 ms of host overhead per tick (some 300 small ops
-over 4 stages); one inductor graph runs it in ~0.45 ms. The batch is a dynamic dimension, so one
+over 4 stages); one inductor graph runs it in ~0.6 ms (one stream; 2.5 -> 1.1 ms at 16). The batch is a dynamic dimension, so one
 graph serves every batch from 2 rows up; a lone row is decoded as two copies of itself (the same
 values written twice to the same ring entries), so there is no second graph for batch 1 and no
 compile after warm-up. Slots are gathered, never sliced (one graph for any slot set).

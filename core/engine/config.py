@@ -64,12 +64,12 @@ class EngineConfig:
             still cut (a reply spoken as several turns is heard after all are generated; a
             plugin keeps at most this many of its own for a late barge-in).
         compile_step: on the CPU, run each frame's 16 depth steps with their draws as one
-            `torch.compile`d graph (any batch; a fallback graph per step for sampling the
+            `torch.compile`d graph (any batch; a fallback graph per step for streams the
             top-k draw cannot serve) and the codec step as another, compiled at engine start
-            (the time is `Engine.warmup_s`); the same codes as the eager step, audio within
-            float rounding. Off by default: the compile takes ~50 s the first time on a 2-core
-            machine (~10 s once inductor's on-disk cache holds it), which tests and short CPU
-            demos do not win back. No effect on CUDA.
+            (the time is `Engine.warmup_s`); the eager step's codes up to float rounding, its
+            audio within one int16 step. Off by default: the compile takes ~45 s the first
+            time on a 2-core machine (~11 s once inductor's on-disk cache holds it), which
+            tests and short CPU demos do not win back. No effect on CUDA.
     """
 
     max_streams: int = 16

@@ -10,20 +10,24 @@ a tensor (rope and cache position picked by index), the frame cache holding all 
 (`SamplerBatch.draw_top`, no full-vocab sort). One graph serves every batch (the batch is a
 dynamic dimension; a lone row runs as two copies of itself, so there is no graph for batch 1).
 
-A frame the top-k graph cannot serve (some row without top-k or with top_k above 56, or ties
-with a k-th value that run past the candidates: ~never) takes the fallback: one compiled graph
-per depth step (same dynamic batch) and the sampler's exact host draw on its logits. The eager
-step (`MossTTSRealtime.sample_frame`) stays the reference and the path for CUDA and for logits
-tracing. All read and advance the same sampler state, so a tick may take any of them; only real
-rows are committed (the copy of a lone row is dropped).
+Rows the top-k graph does not serve (sampled without top-k or with top_k above 56, or with ties
+at the k-th value that run past the candidates: ~never) are redrawn alone by the fallback: one
+compiled graph per depth step (same dynamic batch) and the sampler's exact host draw on its
+logits. So which path a row takes depends on that row alone, never on the rows beside it. The
+eager step (`MossTTSRealtime.sample_frame`) stays the reference and the path for CUDA and for
+logits tracing. All read and advance the same sampler state, so a tick may take any of them; only
+real rows are committed (the copy of a lone row is dropped). Codes equal the eager step's up to
+float rounding: the compiled graphs round their sums differently, so a code decided within
+rounding (a near tie; a cumulative probability within an ulp of 1 - top_p) may differ (the tests,
+which compare codes over many frames, see none).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,6 +88,11 @@ def _step_logits(
     return depth.codebook_step(x, k, v, codebook, rope, head)
 
 
+def _two_rows_at_least(hidden: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """A lone row as two copies of itself (no graph for batch 1: dynamo specialises it)."""
+    return (hidden.repeat(2, 1), idx.repeat(2)) if hidden.shape[0] == 1 else (hidden, idx)
+
+
 def _mark_batch(*tensors: Tensor, dim: int = 0) -> None:
     for t in tensors:
         torch._dynamo.mark_dynamic(t, dim)
@@ -112,7 +121,7 @@ class CompiledFrameStep(FrameStep):
             log.warning("torch %s has no scan operator: the compiled frame runs step by step",
                         torch.__version__)
         self._logits = compile_step(_step_logits, dynamic=None)
-        self.fallbacks = 0  # frames the top-k graph could not serve
+        self.fallbacks = 0  # frames with rows the top-k graph did not serve
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -132,18 +141,24 @@ class CompiledFrameStep(FrameStep):
         if logits_out is not None or n > self.max_rows:
             return super().__call__(hidden, slots, logits_out)
         idx = self.sampler.rows(slots, n)
-        x, rows = hidden.to(self.dtype), idx
-        if n == 1:  # a lone row runs as two copies of itself (no graph for batch 1)
-            x, rows = x.repeat(2, 1), idx.repeat(2)
+        hidden = hidden.to(self.dtype)
+        served = np.zeros(n, dtype=bool)
+        if self._top is not None:
+            served = self.sampler.top_fits(idx, TOP_WIDTH)
         codes = None
-        if self._top is not None and self.sampler.top_fits(idx, TOP_WIDTH):
-            codes, ok = self._codes_top(x, rows)
-            if not bool(ok.all()):
-                codes = None
-        if codes is None:
+        if served.any():
+            codes, ok = self._codes_top(*_two_rows_at_least(hidden, idx))
+            codes = codes[:n]
+            served &= ok[:n].numpy()
+        if not served.all():  # the other rows redrawn alone: a row's path is its own
             self.fallbacks += 1
-            codes = self._codes_stepwise(x, rows)
-        codes = codes[:n]
+            if codes is None:
+                codes = self._codes_stepwise(*_two_rows_at_least(hidden, idx))[:n]
+            else:
+                rest = torch.from_numpy(np.flatnonzero(~served))
+                redrawn = self._codes_stepwise(*_two_rows_at_least(hidden[rest], idx[rest]))
+                codes = codes.clone()
+                codes[rest] = redrawn[: rest.shape[0]]
         self.sampler.commit(codes, idx)
         return codes
 
@@ -156,8 +171,7 @@ class CompiledFrameStep(FrameStep):
         assert self._top is not None
         k, v = self._caches(x.shape[0])
         frame = self.sampler.prepare(rows, self.vocab, self.logits_dtype, static=True)
-        if warm:  # the dummy rows may have top-k off: give them one the graph serves
-            frame = replace(frame, top_k=frame.top_k.clamp(max=TOP_WIDTH))
+        if warm:
             _mark_batch(x, frame.history, frame.penalty, frame.divisor, frame.greedy, frame.top_k,
                         frame.one_minus_top_p, frame.keys)
             _mark_batch(k, v, dim=1)

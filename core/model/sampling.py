@@ -72,7 +72,7 @@ class FrameDraw:
     host: HostFrame | None = None  # numpy views for the CPU fast path (width > 0)
 
     def codebook(self, codebook: Tensor) -> FrameDraw:
-        """This frame's state for one codebook (Long[1]) only, to `draw` as codebook 0: a traced
+        """This frame's state for one codebook (Long[1]) only, for `draw_top`: a traced
         step picks its codebook by index, with no Python int. Static frames only."""
         assert self.noise is None and self.host is None, "prepare(static=True) frames only"
         return replace(self, history=self.history.index_select(2, codebook),
@@ -181,8 +181,8 @@ class SamplerBatch:
 
         Half-precision logits are drawn in fp32 (`draw` upcasts them): 23-bit uniforms and
         Gumbel noise do not fit fp16/bf16. `static` takes the path with fixed shapes and no
-        host reads on every device (whole window, full sort, noise hashed per draw), the one
-        a compiled step traces; its draws are the same.
+        host reads on every device (whole window, noise hashed per draw), the one the
+        compiled frame traces (`draw_top`); `draw` on it draws the same.
         """
         dtype = torch.promote_types(dtype, torch.float32)
         count = self.count[idx]
@@ -204,6 +204,7 @@ class SamplerBatch:
             id_hash=id_hash,
             width=width,
             noise=None if width or static else gumbel(keys[:, :, None], id_hash, dtype),
+            # constant on static frames: a compiled graph guards on it
             any_greedy=static or idx.device.type != "cpu" or bool(greedy.any()),
         )
         if width:  # only ever on the CPU (see `_fast_width`)
@@ -319,8 +320,7 @@ class SamplerBatch:
 
     @staticmethod
     def draw(logits: Tensor, codebook: int, frame: FrameDraw) -> Tensor:
-        """logits [B, V] of one codebook -> codes [B] (the hot path; fp16/bf16 drawn in fp32).
-        Static: a compiled step calls it with no sampler object (nothing to guard on)."""
+        """logits [B, V] of one codebook -> codes [B] (the hot path; fp16/bf16 drawn in fp32)."""
         logits = _at_least_fp32(logits)
         host_draw = frame.host is not None
         if host_draw and (codes := SamplerBatch._draw_host(logits, codebook, frame)) is not None:
@@ -341,16 +341,17 @@ class SamplerBatch:
         """`draw` of one codebook (a static frame picked by `FrameDraw.codebook`) over the
         `width` largest scaled logits instead of the whole sorted vocab: fixed shapes, no host
         read, traceable. Returns (codes [B], ok [B]); a row is not ok when ties with its k-th
-        value may run past the candidates, and its code must then come from `draw`. Only for
-        rows whose top_k is at most `width` (`top_fits`). Every step is the full sort's on
-        the same candidates in the same order (ascending value, ties by ascending id)."""
+        value may run past the candidates, and its code must then come from `draw`. Serves
+        the rows `top_fits` marks (any other row's code is garbage). Every step is the full
+        sort's on the same candidates in the same order (ascending value, ties by ascending
+        id); the floats are rounded as the compiled graph rounds them."""
         logits = SamplerBatch._penalize(_at_least_fp32(logits), 0, frame)
         vals, ids = (logits / frame.divisor).topk(width, dim=-1)
         ids, by_id = ids.sort(dim=-1)
         asc, order = vals.gather(1, by_id).sort(dim=-1, stable=True)
         ids = ids.gather(1, order)
-        kth = asc.gather(1, width - frame.top_k)
-        ok = asc[:, 0] < kth[:, 0]  # the kept ties all lie among the candidates
+        kth = asc.gather(1, width - frame.top_k.clamp(max=width))  # rows not served: any k
+        ok = (asc[:, 0] < kth[:, 0]) | frame.greedy  # kept ties all among the candidates
         asc = asc.masked_fill(asc < kth, float("-inf"))
         remove = asc.softmax(dim=-1).cumsum(dim=-1) <= frame.one_minus_top_p
         remove[:, -1] = False  # the maximum always stays
@@ -359,11 +360,12 @@ class SamplerBatch:
         sampled = ids.gather(1, (asc + noise).argmax(dim=-1, keepdim=True))[:, 0]
         return torch.where(frame.greedy, logits.argmax(dim=-1), sampled), ok
 
-    def top_fits(self, idx: Tensor, width: int) -> bool:
-        """Every row of `idx` has top-k on and at most `width - margin` (so ties with the k-th
-        rarely spill): `draw_top` can serve the frame. Host read: CPU only."""
+    def top_fits(self, idx: Tensor, width: int) -> np.ndarray:
+        """Bool[B] (numpy): the rows of `idx` that `draw_top` can serve: greedy, or top-k on
+        and at most `width - margin` (so ties with the k-th rarely spill). Host read: CPU only."""
         k = self.top_k[idx]
-        return bool(((k > 0) & (k <= width - _TIE_MARGIN)).all())
+        greedy = self.temperature[idx] < MIN_TEMPERATURE
+        return (greedy | ((k > 0) & (k <= width - _TIE_MARGIN))).numpy()
 
     def sample(self, logits: Tensor, codebook: int, idx: Tensor) -> Tensor:
         """One codebook for rows `idx`, preparing the frame state on the fly (convenience)."""

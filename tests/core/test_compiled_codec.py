@@ -28,7 +28,9 @@ def test_compiled_decode_equals_eager(codec: MossAudioCodec):
     eager_state, compiled_state = codec.init_decode_state(6), codec.init_decode_state(6)
     step = CompiledDecode(codec, 16)
     step.warm_up(compiled_state)
-    assert int(compiled_state.frames.abs().sum()) == 0  # warm-up left no trace
+    rings = [t for stage in compiled_state.stages for layer in stage.layers
+             for t in (layer.k, layer.v)]
+    assert all(int(t.count_nonzero()) == 0 for t in rings)  # warm-up's writes were reset
     gen = torch.Generator().manual_seed(3)
     schedule = [[4]] * 6 + [[5, 1]] * 6 + [[0, 2, 3, 5]] * 8 + [[4]] * 4 + [[2, 4, 1]] * 6
     for frame, slots in enumerate(schedule):

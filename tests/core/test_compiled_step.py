@@ -1,5 +1,6 @@
-"""The compiled frame step (CPU, inductor, per bucket) draws what the eager step draws: the same
-codes and audio, the same sampler state after every frame, and padding rows touch no slot."""
+"""The compiled frame step (CPU, inductor, one graph per frame and a per-step fallback) draws what
+the eager step draws: the same codes, audio within one int16 step, the same sampler state after
+every frame; the copy of a lone row touches no slot, and nothing compiles after warm-up."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ from core.model.frame_step import CompiledFrameStep
 pytestmark = pytest.mark.timeout(600)
 
 SLOTS = 8
-# Penalty and sampling noise on, one greedy slot and one without top-k among them.
+# Penalty and sampling noise on; one greedy slot (top-k off: the graph still serves it), and
+# three the top-k graph does not serve: top-k off (6, 7) and top_k 100, past its 64 candidates.
 PARAMS = [SamplingParams(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.3,
                          repetition_window=4, seed=s) for s in range(SLOTS)]
-PARAMS[2] = SamplingParams(temperature=0.0, repetition_penalty=1.2, repetition_window=8, seed=2)
+PARAMS[2] = SamplingParams(temperature=0.0, top_k=0, repetition_penalty=1.2, repetition_window=8,
+                           seed=2)
 PARAMS[6] = SamplingParams(temperature=0.9, top_k=0, top_p=0.8, repetition_window=3, seed=6)
+PARAMS[7] = SamplingParams(temperature=1.1, top_k=0, top_p=0.95, repetition_window=5, seed=7)
+PARAMS[5] = SamplingParams(temperature=0.7, top_k=100, top_p=0.9, repetition_window=6, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +49,19 @@ def _state(sampler: SamplerBatch) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def test_compiled_codes_and_sampler_state_equal_eager(model: MossTTSRealtime):
-    """Prevents the compiled step from drawing other codes than the eager reference, or from
-    letting the copy of a lone row write into any slot: at 1 (run as 2), 2, 3 and 5 rows in
-    scattered slots, over frames long enough to wrap the penalty window, codes and every
-    sampler tensor (history, counters: all slots) equal the eager step's. Frames with a slot
-    that has top-k off take the fallback, the others the whole-frame top-k graph."""
+    """Prevents the compiled step from drawing other codes than the eager reference, from
+    letting the copy of a lone row write into any slot, or from compiling on a live frame: at
+    1 (run as 2), 2, 3 and 5 rows in scattered slots, over frames long enough to wrap the
+    penalty window, codes and every sampler tensor (history, counters: all slots) equal the
+    eager step's. Rows the top-k graph does not serve (5, 6, 7) are redrawn by the fallback,
+    alone, in batches of 1 and 3; no graph is compiled after warm-up."""
     gen = torch.Generator().manual_seed(0)
     eager, compiled = _sampler(), _sampler()
     step = CompiledFrameStep(model, compiled, max_rows=5)
     step.warm_up()
-    schedule = ([4], [7, 1], [5, 0, 3], [6], [6, 2, 4, 1, 7], [2, 3, 5, 0, 1])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the counter counts this process's compiled graphs
+    schedule = ([4], [7, 1], [0, 2, 3], [6], [6, 2, 4, 1, 7], [2, 3, 5, 0, 1], [5, 6, 7])
     for slots in schedule:
         idx = torch.tensor(slots)
         for _ in range(6):
@@ -63,7 +71,8 @@ def test_compiled_codes_and_sampler_state_equal_eager(model: MossTTSRealtime):
             assert torch.equal(got, want), slots
             for name, value in _state(eager).items():
                 assert torch.equal(getattr(compiled, name), value), (slots, name)
-    assert step.fallbacks == 12  # the frames with slot 6 (top-k off), no other
+    assert step.fallbacks == 6 * 5  # the frames with slot 5, 6 or 7, no other
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @torch.inference_mode()
@@ -98,12 +107,27 @@ def test_without_scan_every_frame_runs_step_by_step(model: MossTTSRealtime, monk
     assert step.fallbacks == 2
 
 
+def test_each_compiled_step_has_its_own_graphs():
+    """Prevents one engine's graphs from serving another model: module guards are skipped, so
+    each compiled step must be a private copy (its own dynamo cache): two copies of one
+    function compile two graphs."""
+    from core.device import compile_step
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    first, second = compile_step(double), compile_step(double)
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(first(torch.ones(3)), second(torch.ones(3)))
+    assert counters["stats"]["unique_graphs"] == before + 2
+
+
 def _runner(model: MossTTSRealtime, codec: MossAudioCodec, *, compile_step: bool):
     kv = KVPool(model.config, num_blocks=16, block_size=16, dtype=torch.float32)
     runner = ModelRunner(model, codec, kv, num_slots=4, compile_step=compile_step)
     seqs = [kv.new_sequence() for _ in range(3)]
     for slot in range(3):
-        runner.start_turn(slot, PARAMS[slot + 3], counter=slot)
+        runner.start_turn(slot, PARAMS[slot + 3], counter=slot)  # slot 2: top_k 100, fallback
     return runner, seqs
 
 
@@ -120,7 +144,6 @@ def test_compiled_runner_gives_eager_codes_and_audio(model: MossTTSRealtime,
     assert type(runs[1][0].decode) is CompiledDecode
     runs[1][0].warm_up()
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0  # the counter counts this process's compiled graphs
     prev = torch.zeros(3, 16, dtype=torch.long)
     gen = torch.Generator().manual_seed(1)
     for live in (3, 3, 3, 2, 2, 1, 1):
