@@ -209,16 +209,23 @@ class MossAudioCodec(nn.Module):
         Slots not listed do not advance. `slots` must be distinct; when it is a CPU tensor this is
         checked, and consecutive slots skip the KV gather.
         """
+        slots, contiguous = self.check_step(codes, slots, state)
+        wave = self.decode_rows(codes, slots, state.frames.index_select(0, slots), state.stages,
+                                contiguous)
+        state.frames.index_add_(0, slots, torch.ones_like(slots))
+        return wave
+
+    def check_step(
+        self, codes: torch.Tensor, slots: torch.Tensor, state: CodecDecodeState
+    ) -> tuple[torch.Tensor, slice | None]:
+        """`decode_step`'s checks: ValueError for bad codes or slots; returns the slots on the
+        codec's device and, when they are consecutive CPU ids, as a slice."""
         self._check_codes(codes)
         n = codes.shape[0]
         if slots.shape != (n,):
             raise ValueError(f"slots must be [{n}], got {tuple(slots.shape)}")
         contiguous = self._contiguous(slots, state.num_slots)
-        slots = slots.to(self._device, torch.long)
-        wave = self.decode_rows(codes, slots, state.frames.index_select(0, slots), state.stages,
-                                contiguous)
-        state.frames.index_add_(0, slots, torch.ones_like(slots))
-        return wave
+        return slots.to(self._device, torch.long), contiguous
 
     def decode_rows(
         self, codes: torch.Tensor, slots: torch.Tensor, frames: torch.Tensor,

@@ -59,13 +59,9 @@ class CompiledDecode:
         codec = self.codec
         if codes.dim() != 2 or codes.shape[1] != self.n_quantizers:  # not the compiled shape
             return codec.decode_step(codes, slots, state)
-        codec._check_codes(codes)
+        slots = codec.check_step(codes, slots, state)[0]
         n = codes.shape[0]
-        if slots.shape != (n,):
-            raise ValueError(f"slots must be [{n}], got {tuple(slots.shape)}")
-        codec._contiguous(slots, state.num_slots)  # validates the ids
-        # inference tensors, contiguous: the graph's guards see what warm-up saw
-        slots = slots.to(state.frames.device, torch.long).clone()
+        slots = slots.clone()  # an inference tensor, contiguous: what the graph's guards saw
         rows, batch = (slots.repeat(2), codes.repeat(2, 1)) if n == 1 else (slots, codes)
         wave = self._rows(codec, batch, rows, state.frames.index_select(0, rows), state.stages)
         state.frames.index_add_(0, slots, torch.ones_like(slots))
