@@ -61,3 +61,12 @@ def compile_step(
     private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                                  fn.__defaults__, fn.__closure__)
     return torch.compile(private, fullgraph=True, dynamic=dynamic, options=options)
+
+
+def at_least_two_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Batch-first tensors of one row as two copies of it, others as they are: the compiled
+    steps' batch is dynamic from 2 up (dynamo specialises a batch of 1, which would compile a
+    second graph on a live stream)."""
+    if tensors[0].shape[0] != 1:
+        return tensors
+    return tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in tensors)

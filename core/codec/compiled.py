@@ -1,10 +1,10 @@
 """CompiledDecode: the codec's streaming decode step as one compiled graph (CPU, inductor).
 
 On the tiny checkpoint `decode_step` is ~1.7 ms of host overhead per tick (some 300 small ops
-over 4 stages); one inductor graph runs it in ~0.6 ms (one stream; 2.5 -> 1.1 ms at 16). The batch is a dynamic dimension, so one
-graph serves every batch from 2 rows up; a lone row is decoded as two copies of itself (the same
-values written twice to the same ring entries), so there is no second graph for batch 1 and no
-compile after warm-up. Slots are gathered, never sliced (one graph for any slot set).
+over 4 stages); one inductor graph runs it in ~0.6 ms (one stream; 2.5 -> 1.1 ms at 16). The
+batch is a dynamic dimension, so one graph serves every batch from 2 rows up; a lone row is
+decoded as two copies of itself (the same values written twice to the same ring entries), so
+there is no second graph for batch 1 and no compile after warm-up. Slots are gathered, never sliced (one graph for any slot set).
 `MossAudioCodec.decode_step` stays the reference, the path on other devices and for any other
 number of codebooks than the one compiled.
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from core.codec.codec import MossAudioCodec
 from core.codec.streaming import CodecDecodeState, SlotState
-from core.device import compile_step
+from core.device import at_least_two_rows, compile_step
 
 log = logging.getLogger("core.codec")
 
@@ -62,7 +62,7 @@ class CompiledDecode:
         slots = codec.check_step(codes, slots, state)[0]
         n = codes.shape[0]
         slots = slots.clone()  # an inference tensor, contiguous: what the graph's guards saw
-        rows, batch = (slots.repeat(2), codes.repeat(2, 1)) if n == 1 else (slots, codes)
+        rows, batch = at_least_two_rows(slots, codes)
         wave = self._rows(codec, batch, rows, state.frames.index_select(0, rows), state.stages)
         state.frames.index_add_(0, slots, torch.ones_like(slots))
         return wave[:n]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.device import compile_step
+from core.device import at_least_two_rows, compile_step
 from core.model.depth import Depth
 from core.model.moss import MossTTSRealtime
 from core.model.sampling import FrameDraw, SamplerBatch
@@ -88,11 +88,6 @@ def _step_logits(
     return depth.codebook_step(x, k, v, codebook, rope, head)
 
 
-def _two_rows_at_least(hidden: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """A lone row as two copies of itself (no graph for batch 1: dynamo specialises it)."""
-    return (hidden.repeat(2, 1), idx.repeat(2)) if hidden.shape[0] == 1 else (hidden, idx)
-
-
 def _mark_batch(*tensors: Tensor, dim: int = 0) -> None:
     for t in tensors:
         torch._dynamo.mark_dynamic(t, dim)
@@ -147,16 +142,16 @@ class CompiledFrameStep(FrameStep):
             served = self.sampler.top_fits(idx, TOP_WIDTH)
         codes = None
         if served.any():
-            codes, ok = self._codes_top(*_two_rows_at_least(hidden, idx))
+            codes, ok = self._codes_top(*at_least_two_rows(hidden, idx))
             codes = codes[:n]
             served &= ok[:n].numpy()
         if not served.all():  # the other rows redrawn alone: a row's path is its own
             self.fallbacks += 1
             if codes is None:
-                codes = self._codes_stepwise(*_two_rows_at_least(hidden, idx))[:n]
+                codes = self._codes_stepwise(*at_least_two_rows(hidden, idx))[:n]
             else:
                 rest = torch.from_numpy(np.flatnonzero(~served))
-                redrawn = self._codes_stepwise(*_two_rows_at_least(hidden[rest], idx[rest]))
+                redrawn = self._codes_stepwise(*at_least_two_rows(hidden[rest], idx[rest]))
                 codes = codes.clone()
                 codes[rest] = redrawn[: rest.shape[0]]
         self.sampler.commit(codes, idx)
